@@ -1,0 +1,39 @@
+"""Test setup: without CUDA, Triton kernels run in the CPU interpreter.
+
+TRITON_INTERPRET must be set before any @triton.jit function is created, so this happens
+before clq_triton is imported. On a CUDA machine the same tests run the compiled kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def kernel_device():
+    """The device on which launchers run their Triton kernel (fails if they would not)."""
+    from clq_triton.kernels._runtime import use_triton
+
+    if not use_triton(torch.empty(0, device=DEVICE)):
+        pytest.fail("Triton kernels are not active: need CUDA or TRITON_INTERPRET=1")
+    return DEVICE
+
+
+@pytest.fixture
+def gen():
+    """A fresh, unseeded-by-default generator: every run draws new data (seed printed)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"random seed {seed}")
+    return torch.Generator().manual_seed(seed)
