@@ -1,0 +1,60 @@
+"""Quantization settings shared by QuantLinear, patch() and calibration."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+from .kernels._runtime import check_bits
+from .kernels.hadamard import is_power_of_two
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a Linear is quantized.
+
+    w_bits / a_bits: 4 or 8 (W4A4, W4A8, W8A8 …).
+    group_size: elements per scale along K, for weights (per output channel) and activations
+        (per token); one of 32, 64, 128, 256.
+    hadamard_block: block size B of the block-diagonal Hadamard rotation (power of two >= 16),
+        or None for no rotation (plain RTN).
+    w_clip / a_clip: clipping ratios in (0, 1] applied to each group's max before scaling.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    group_size: int = 64
+    hadamard_block: int | None = 64
+    w_clip: float = 1.0
+    a_clip: float = 1.0
+
+    def __post_init__(self):
+        check_bits("w_bits", self.w_bits)
+        check_bits("a_bits", self.a_bits)
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"group_size must be one of 32, 64, 128, 256, got {self.group_size!r}")
+        b = self.hadamard_block
+        if b is not None and (not isinstance(b, int) or not is_power_of_two(b) or b < 16):
+            raise ValueError(f"hadamard_block must be None or a power of two >= 16, got {b!r}")
+        for name in ("w_clip", "a_clip"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+
+    @classmethod
+    def from_bits(cls, bits: str, **overrides) -> "QuantConfig":
+        """``QuantConfig.from_bits("w4a8", group_size=128)``."""
+        m = re.fullmatch(r"w(\d+)a(\d+)", bits.strip().lower())
+        if not m:
+            raise ValueError(f"bits must look like 'w4a4', 'w4a8' or 'w8a8', got {bits!r}")
+        return cls(w_bits=int(m.group(1)), a_bits=int(m.group(2)), **overrides)
+
+    @property
+    def name(self) -> str:
+        return f"w{self.w_bits}a{self.a_bits}"
+
+    def replace(self, **changes) -> "QuantConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

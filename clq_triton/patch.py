@@ -1,0 +1,138 @@
+"""patch(): swap the eligible nn.Linear layers of a model for QuantLinear."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .quant_linear import QuantLinear
+
+log = logging.getLogger("clq_triton")
+
+# Linears that stay in full precision by default: adaLN modulation (norm*.linear) and
+# embedders inside blocks. Layers outside the block lists (patch/time/caption embedders,
+# final projection) are excluded by ``blocks_only``.
+DEFAULT_EXCLUDE = (r"(^|\.)norm[^.]*\.", r"emb")
+
+
+@dataclass
+class PatchReport:
+    """What patch() did: the layers it quantized and the ones it left, with the reason."""
+
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    fp_weight_bytes: int = 0  # bf16 bytes of the quantized layers' weights
+    quant_weight_bytes: int = 0  # their packed codes + scales
+
+    @property
+    def weight_ratio(self) -> float:
+        return self.quant_weight_bytes / self.fp_weight_bytes if self.fp_weight_bytes else 1.0
+
+    def __str__(self) -> str:
+        return (f"quantized {len(self.quantized)} Linear layers, skipped {len(self.skipped)}; "
+                f"their weights: {self.fp_weight_bytes / 2**20:.2f} MiB bf16 → "
+                f"{self.quant_weight_bytes / 2**20:.2f} MiB ({self.weight_ratio:.3f}×)")
+
+
+def fit_hadamard_block(k: int, block: int | None) -> int | None:
+    """The largest power of two <= ``block`` that divides K (None if below 16)."""
+    if block is None:
+        return None
+    b = block
+    while b >= 16 and k % b:
+        b //= 2
+    return b if b >= 16 else None
+
+
+def _inside_block_list(name: str, model: nn.Module) -> bool:
+    parts = name.split(".")
+    mod = model
+    for p in parts[:-1]:
+        mod = getattr(mod, p)
+        if isinstance(mod, nn.ModuleList):
+            return True
+    return False
+
+
+def eligible_linears(
+    model: nn.Module,
+    include: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    blocks_only: bool = True,
+) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, module) of the nn.Linear layers patch() would consider.
+
+    A layer is eligible when it sits inside an nn.ModuleList (the transformer's block lists)
+    unless ``blocks_only`` is False, matches one of the ``include`` regexes if given, and
+    matches none of the ``exclude`` regexes (``re.search`` on the qualified name).
+    """
+    out = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear:
+            continue
+        if blocks_only and not _inside_block_list(name, model):
+            continue
+        if include is not None and not any(re.search(p, name) for p in include):
+            continue
+        if any(re.search(p, name) for p in exclude):
+            continue
+        out.append((name, mod))
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def patch(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    bits: str | None = None,
+    include: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    blocks_only: bool = True,
+    strict: bool = False,
+    progress: bool = True,
+) -> PatchReport:
+    """Quantize ``model`` in place, data-free (round-to-nearest after the Hadamard rotation).
+
+    config: a QuantConfig; or give ``bits="w4a4" | "w4a8" | "w8a8"`` for the defaults.
+    Layers whose K is not a multiple of the group size are left in full precision with a log
+    line, or raise ValueError when ``strict``. The Hadamard block shrinks to the largest power
+    of two that divides K. Returns a PatchReport.
+    """
+    if config is None:
+        config = QuantConfig.from_bits(bits or "w4a4")
+    elif bits is not None and bits.lower() != config.name:
+        raise ValueError(f"bits={bits!r} contradicts config ({config.name})")
+    report = PatchReport()
+    layers = eligible_linears(model, include, exclude, blocks_only)
+    if not layers:
+        log.warning("patch(): no eligible nn.Linear found in %s", type(model).__name__)
+    for name, lin in tqdm(layers, desc=f"quantize {config.name}", disable=not progress):
+        k = lin.in_features
+        if k % config.group_size:
+            reason = f"K={k} is not a multiple of group_size={config.group_size}"
+            if strict:
+                raise ValueError(f"{name}: {reason}")
+            log.info("clq_triton: keeping %s in full precision: %s", name, reason)
+            report.skipped[name] = reason
+            continue
+        block = fit_hadamard_block(k, config.hadamard_block)
+        if block != config.hadamard_block:
+            log.info("clq_triton: %s uses Hadamard block %s (K=%d)", name, block, k)
+        q = QuantLinear.from_linear(lin, config.replace(hadamard_block=block))
+        _set_submodule(model, name, q)
+        report.quantized.append(name)
+        report.fp_weight_bytes += lin.weight.numel() * 2
+        report.quant_weight_bytes += q.weight_nbytes()
+    log.info("clq_triton: %s", report)
+    return report
