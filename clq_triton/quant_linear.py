@@ -16,12 +16,14 @@ WEIGHT_SCALE_DTYPE = torch.float16
 
 
 class QuantLinear(nn.Module):
-    """y = Q(x·G) · Q(W·G)ᵀ + b with G = S·H (permutation then block Hadamard).
+    """y = Q(x·D·G) · Q(W·D⁻¹·G)ᵀ + b with G = S·H (permutation then block Hadamard) and D an
+    optional positive per-channel diagonal (SmoothQuant); D = I and S = I when absent.
 
     Buffers:
       qweight: 4 bits → uint8 [N, K/2] packed (low nibble = even column); 8 bits → int8 [N, K]
       wscale:  float16 [N, K/group_size], per output channel per group
       perm:    int32 [K] channel permutation S, or None
+      channel_scale: float32 [K] diagonal of D, or None
       bias:    [N] in the source layer's dtype, or None
     The settings (bits, group size, Hadamard block, activation clip) travel in the state dict
     as extra state, so ``load_state_dict`` restores a layer exactly.
@@ -38,6 +40,7 @@ class QuantLinear(nn.Module):
         bias: bool = True,
         config: QuantConfig = QuantConfig(),
         has_perm: bool = False,
+        has_channel_scale: bool = False,
         bias_dtype: torch.dtype = torch.float32,
         device=None,
     ):
@@ -57,6 +60,8 @@ class QuantLinear(nn.Module):
                                                    dtype=WEIGHT_SCALE_DTYPE, device=device))
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device)
                              if has_perm else None)
+        self.register_buffer("channel_scale", torch.ones(in_features, device=device)
+                             if has_channel_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device)
                              if bias else None)
 
@@ -66,9 +71,12 @@ class QuantLinear(nn.Module):
         linear: nn.Linear,
         config: QuantConfig = QuantConfig(),
         perm: torch.Tensor | None = None,
+        channel_scale: torch.Tensor | None = None,
     ) -> "QuantLinear":
-        """Quantize ``linear`` offline: W' = W·S·H (float32 on the weight's device), then
-        per-channel per-group symmetric quantization with ``config.w_clip``."""
+        """Quantize ``linear`` offline: W' = W·D⁻¹·S·H (float32 on the weight's device), then
+        per-channel per-group symmetric quantization with ``config.w_clip``.
+
+        perm: int [K] permutation (see kernels.hadamard); channel_scale: positive float [K]."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -77,10 +85,19 @@ class QuantLinear(nn.Module):
             raise ValueError("linear.weight holds NaN or Inf; cannot quantize it")
         n, k = w.shape
         check_perm(perm, k)
+        if channel_scale is not None and (channel_scale.shape != (k,)
+                                          or not bool((channel_scale > 0).all())):
+            raise ValueError(f"channel_scale must be positive with shape ({k},)")
         b = linear.bias
         q = cls(k, n, bias=b is not None, config=config, has_perm=perm is not None,
+                has_channel_scale=channel_scale is not None,
                 bias_dtype=b.dtype if b is not None else torch.float32, device=w.device)
-        w_rot = rotate_ref(w.float(), perm, config.hadamard_block)
+        w = w.float()
+        if channel_scale is not None:
+            cs = channel_scale.to(w.device, torch.float32)
+            q.channel_scale.copy_(cs)
+            w = w / cs
+        w_rot = rotate_ref(w, perm, config.hadamard_block)
         codes, scales = quantize_ref(w_rot, config.group_size, config.w_bits, config.w_clip,
                                      scale_dtype=WEIGHT_SCALE_DTYPE)
         q.qweight.copy_(pack_int4_ref(codes) if config.w_bits == 4 else codes)
@@ -102,16 +119,17 @@ class QuantLinear(nn.Module):
         cfg = self.config
         x2 = x.reshape(-1, self.in_features)
         xq, xs = rotate_quantize(x2, self.perm, cfg.hadamard_block, cfg.group_size, cfg.a_bits,
-                                 cfg.a_clip)
+                                 cfg.a_clip, channel_scale=self.channel_scale)
         y = quant_matmul(xq, xs, self.qweight, self.wscale, self.bias, cfg.a_bits, cfg.w_bits,
                          cfg.group_size, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """Ŵ in the original (unrotated) basis, float32 [N, K]: Q(W·G)·Gᵀ."""
+        """Ŵ in the original basis, float32 [N, K]: Q(W·D⁻¹·G)·Gᵀ·D."""
         codes = unpack_int4_ref(self.qweight) if self.config.w_bits == 4 else self.qweight
         w_rot = dequantize_ref(codes, self.wscale, self.config.group_size)
-        return rotate_ref(w_rot, self.perm, self.config.hadamard_block, inverse=True)
+        w = rotate_ref(w_rot, self.perm, self.config.hadamard_block, inverse=True)
+        return w * self.channel_scale if self.channel_scale is not None else w
 
     def weight_nbytes(self) -> int:
         """Bytes of the quantized weight: packed codes plus scales (bias excluded)."""
@@ -136,4 +154,5 @@ class QuantLinear(nn.Module):
         c = self.config
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {c.name}, group_size={c.group_size}, "
-                f"hadamard_block={c.hadamard_block}, perm={self.perm is not None}")
+                f"hadamard_block={c.hadamard_block}, perm={self.perm is not None}, "
+                f"channel_scale={self.channel_scale is not None}")

@@ -162,3 +162,20 @@ def test_config_validation(kw, match):
         QuantConfig(**kw)
     with pytest.raises(ValueError, match="look like"):
         QuantConfig.from_bits("int4")
+
+
+def test_channel_scale_is_exact_in_fp_and_matches_kernel(device, gen):
+    """D folded into W (W·D⁻¹) and applied to x (x·D) leaves the FP product unchanged, and the
+    kernel path (x·D rounded to x's dtype) agrees with the reference path."""
+    k, n = 128, 24
+    lin = _linear(k, n, gen)
+    cs = torch.rand(k, generator=gen) * 2 + 0.5
+    q = QuantLinear.from_linear(lin, QuantConfig(w_bits=8, a_bits=8, hadamard_block=64),
+                                perm=torch.randperm(k, generator=gen), channel_scale=cs)
+    assert rel_err(q.dequantized_weight(), lin.weight.detach()) < 0.02
+    x = _activations(9, k, gen)
+    ref = x.double() @ lin.weight.double().T + lin.bias.double()
+    y = q.to(device)(x.to(device)).cpu()
+    assert rel_err(y, ref) < ERROR_BOUNDS["w8a8"]
+    with pytest.raises(ValueError, match="channel_scale must be positive"):
+        QuantLinear.from_linear(lin, QuantConfig(), channel_scale=-cs)

@@ -168,3 +168,16 @@ def test_rotate_quantize_rejects_wrong_out():
     with pytest.raises(ValueError, match="out\\[1\\]"):
         rotate_quantize(x, None, None, 64, 4, out=(torch.empty(4, 32, dtype=torch.uint8),
                                                     torch.empty(4, 2)))
+
+
+def test_rotate_quantize_channel_scale_matches_reference(kernel_device, gen):
+    x = torch.randn(11, 256, generator=gen, dtype=torch.bfloat16)
+    cs = torch.rand(256, generator=gen) + 0.5
+    perm = torch.randperm(256, generator=gen)
+    for block in (64, 512 // 2):
+        q, s = _poisoned(11, 256, 64, 4, kernel_device)
+        rotate_quantize(x.to(kernel_device), perm.to(kernel_device), block, 64, 4,
+                        out=(q, s), channel_scale=cs.to(kernel_device))
+        _check_against_ref(x.float() * cs, perm, block, 64, 4, 1.0, q, s)
+    with pytest.raises(ValueError, match="channel_scale must be float32"):
+        rotate_quantize(x, None, None, 64, 4, channel_scale=cs.double())

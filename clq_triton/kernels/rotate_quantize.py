@@ -21,11 +21,12 @@ from .quantize import pack_int4_ref, qmax_for, quantize_ref, scale_multiplier
 
 @triton.jit
 def _rotate_quantize_kernel(
-    x_ptr, perm_ptr, q_ptr, s_ptr,
+    x_ptr, perm_ptr, cs_ptr, q_ptr, s_ptr,
     M, stride_xm, stride_qm, stride_sm,
     scale_mult, h_norm,
     BM: tl.constexpr, TILE: tl.constexpr, HB: tl.constexpr, LOG2_HB: tl.constexpr,
     GROUP: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_CS: tl.constexpr,
 ):
     # One program: BM rows × TILE columns (TILE = max(HB, GROUP), a multiple of both).
     pid_m = tl.program_id(0)
@@ -39,6 +40,8 @@ def _rotate_quantize_kernel(
         src = rk
     x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + src[None, :],
                 mask=row_ok[:, None], other=0.0)
+    if HAS_CS:  # per-channel multiplier (SmoothQuant); x·D stays float32
+        x = x.to(tl.float32) * tl.load(cs_ptr + src)[None, :]
     if HB > 0:
         # Block-diagonal Sylvester Hadamard, unnormalized (±1 is exact in every dtype):
         # H[i, j] = (-1)^popcount(i & j) inside a block, 0 across blocks.
@@ -99,10 +102,12 @@ def _check_out(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, dev
         raise ValueError(f"{name} must be contiguous")
 
 
-def _launch(x2, perm, block, group, bits, clip, q, s):
+def _launch(x2, perm, block, group, bits, clip, q, s, channel_scale=None):
     """Run the kernel on x2 [M, K] (rows may be strided, columns contiguous)."""
     m, k = x2.shape
     if block is not None and block > MAX_KERNEL_BLOCK:
+        x2 = _scale_channels(x2, channel_scale)
+        channel_scale = None
         if perm is not None:
             x2 = x2[:, perm.long()]
             perm = None
@@ -117,15 +122,31 @@ def _launch(x2, perm, block, group, bits, clip, q, s):
     bm = max(16, min(64, 8192 // tile))
     perm_arg = perm.to(torch.int32) if perm is not None else x2
     grid = (triton.cdiv(m, bm), k // tile)
+    cs_arg = channel_scale if channel_scale is not None else x2
     _rotate_quantize_kernel[grid](
-        x2, perm_arg, q, s if s is not None else q,
+        x2, perm_arg, cs_arg, q, s if s is not None else q,
         m, x2.stride(0), q.stride(0), s.stride(0) if s is not None else 0,
         scale_multiplier(bits, clip) if bits else 1.0,
         1.0 / math.sqrt(hb) if hb else 1.0,
         BM=bm, TILE=tile, HB=hb, LOG2_HB=int(math.log2(hb)) if hb else 0,
         GROUP=group if bits else tile, BITS=bits, QMAX=qmax_for(bits) if bits else 0,
-        HAS_PERM=perm is not None,
+        HAS_PERM=perm is not None, HAS_CS=channel_scale is not None,
     )
+
+
+def _scale_channels(x: torch.Tensor, channel_scale: torch.Tensor | None) -> torch.Tensor:
+    """x·diag(channel_scale) in float32 (x unchanged when channel_scale is None)."""
+    if channel_scale is None:
+        return x
+    return x.float() * channel_scale
+
+
+def _check_channel_scale(channel_scale: torch.Tensor | None, k: int) -> None:
+    if channel_scale is None:
+        return
+    if channel_scale.dtype != torch.float32 or tuple(channel_scale.shape) != (k,):
+        raise ValueError(f"channel_scale must be float32 ({k},), got {channel_scale.dtype} "
+                         f"{tuple(channel_scale.shape)}")
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +186,12 @@ def rotate_quantize(
     bits: int,
     clip: float = 1.0,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    channel_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize the rotated activations x·S·H per token per group.
+    """Quantize the rotated activations x·D·S·H per token per group.
+
+    D = diag(channel_scale) (float32 [K], optional) is the SmoothQuant-style per-channel
+    multiplier; x·D is kept in float32 (full-precision Hadamard dot); S·H as in ``rotate``.
 
     x: [M, K] fp16/bf16/fp32 (columns contiguous; rows may be strided).
     Returns (q, scales):
@@ -181,7 +206,8 @@ def rotate_quantize(
     check_group(group_size, k)
     check_block(block, k)
     check_perm(perm, k)
-    check_same_device(x=x, perm=perm)
+    _check_channel_scale(channel_scale, k)
+    check_same_device(x=x, perm=perm, channel_scale=channel_scale)
     q_shape = (m, k // 2) if bits == 4 else (m, k)
     q_dtype = torch.uint8 if bits == 4 else torch.int8
     if out is None:
@@ -192,10 +218,11 @@ def rotate_quantize(
         _check_out("out[0]", q, q_shape, q_dtype, x.device)
         _check_out("out[1]", s, (m, k // group_size), torch.float32, x.device)
     if not use_triton(x):
-        codes, scales = quantize_ref(rotate_ref(x, perm, block), group_size, bits, clip)
+        xr = rotate_ref(_scale_channels(x, channel_scale), perm, block)
+        codes, scales = quantize_ref(xr, group_size, bits, clip)
         q.copy_(pack_int4_ref(codes) if bits == 4 else codes)
         s.copy_(scales)
         return q, s
     if m:
-        _launch(_as_rows(x), perm, block, group_size, bits, clip, q, s)
+        _launch(_as_rows(x), perm, block, group_size, bits, clip, q, s, channel_scale)
     return q, s
