@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibrate import CalibrationOptions, calibrate, set_submodule
+from .capture import CalibrationData
 from .config import QuantConfig
 from .quant_linear import QuantLinear
 
@@ -85,10 +87,17 @@ def eligible_linears(
     return out
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+METHODS = ("clq", "smoothquant", "quarot", "rtn", "hadamard")
+CALIBRATED = ("clq", "smoothquant")
+
+
+def layer_config(method: str, config: QuantConfig, k: int) -> QuantConfig:
+    """The config one layer of input size K gets under ``method`` (before calibration)."""
+    if method in ("rtn", "smoothquant"):
+        return config.replace(hadamard_block=None)
+    if method == "quarot":  # the widest power-of-two Hadamard that divides K
+        return config.replace(hadamard_block=fit_hadamard_block(k, 1 << (k.bit_length() - 1)))
+    return config.replace(hadamard_block=fit_hadamard_block(k, config.hadamard_block))
 
 
 def patch(
@@ -96,28 +105,47 @@ def patch(
     config: QuantConfig | None = None,
     *,
     bits: str | None = None,
+    method: str | None = None,
+    calibration: CalibrationData | None = None,
+    cbc: bool = True,
+    obs: bool = True,
+    clps: bool = True,
+    options: CalibrationOptions | None = None,
     include: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     blocks_only: bool = True,
     strict: bool = False,
     progress: bool = True,
 ) -> PatchReport:
-    """Quantize ``model`` in place, data-free (round-to-nearest after the Hadamard rotation).
+    """Quantize ``model`` in place: every eligible nn.Linear becomes a QuantLinear.
 
-    config: a QuantConfig; or give ``bits="w4a4" | "w4a8" | "w8a8"`` for the defaults.
-    Layers whose K is not a multiple of the group size are left in full precision with a log
-    line, or raise ValueError when ``strict``. The Hadamard block shrinks to the largest power
-    of two that divides K. Returns a PatchReport.
+    config: a QuantConfig; or ``bits="w4a4" | "w4a8" | "w8a8"`` for the defaults.
+    method:
+      "clq"         CBC + OBS (permutation + block Hadamard) + CLPS; needs ``calibration``
+      "smoothquant" per-channel smoothing (``options.smooth_alpha``); needs ``calibration``
+      "quarot"      widest power-of-two Hadamard dividing K, no permutation, no search
+      "rtn"         round-to-nearest, no rotation
+      "hadamard"    round-to-nearest after the config's block Hadamard (data-free default)
+    Default: "clq" when ``calibration`` is given, else "hadamard".
+    cbc / obs / clps: CLQ ablation switches (shorthand for the same fields of ``options``).
+    calibration: from :func:`clq_triton.capture_calibration` or CalibrationData.from_inputs.
+    Layers whose K is not a multiple of the group size stay in full precision with a log line,
+    or raise ValueError when ``strict``. Returns a PatchReport.
     """
     if config is None:
         config = QuantConfig.from_bits(bits or "w4a4")
     elif bits is not None and bits.lower() != config.name:
         raise ValueError(f"bits={bits!r} contradicts config ({config.name})")
+    method = method or ("clq" if calibration is not None else "hadamard")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method in CALIBRATED and calibration is None:
+        raise ValueError(f"method={method!r} needs calibration data "
+                         "(clq_triton.capture_calibration(...))")
+    options = (options or CalibrationOptions()).replace(cbc=cbc, obs=obs, clps=clps)
     report = PatchReport()
-    layers = eligible_linears(model, include, exclude, blocks_only)
-    if not layers:
-        log.warning("patch(): no eligible nn.Linear found in %s", type(model).__name__)
-    for name, lin in tqdm(layers, desc=f"quantize {config.name}", disable=not progress):
+    todo = []
+    for name, lin in eligible_linears(model, include, exclude, blocks_only):
         k = lin.in_features
         if k % config.group_size:
             reason = f"K={k} is not a multiple of group_size={config.group_size}"
@@ -126,13 +154,19 @@ def patch(
             log.info("clq_triton: keeping %s in full precision: %s", name, reason)
             report.skipped[name] = reason
             continue
-        block = fit_hadamard_block(k, config.hadamard_block)
-        if block != config.hadamard_block:
-            log.info("clq_triton: %s uses Hadamard block %s (K=%d)", name, block, k)
-        q = QuantLinear.from_linear(lin, config.replace(hadamard_block=block))
-        _set_submodule(model, name, q)
+        todo.append((name, lin, layer_config(method, config, k)))
+    if not todo:
+        log.warning("patch(): no eligible nn.Linear found in %s", type(model).__name__)
+    if method in CALIBRATED:
+        quantized = calibrate(model, calibration, todo, method, options, progress)
+    else:
+        quantized = {}
+        for name, lin, cfg in tqdm(todo, desc=f"quantize {config.name}", disable=not progress):
+            quantized[name] = QuantLinear.from_linear(lin, cfg)
+            set_submodule(model, name, quantized[name])
+    for name, lin, _ in todo:
         report.quantized.append(name)
         report.fp_weight_bytes += lin.weight.numel() * 2
-        report.quant_weight_bytes += q.weight_nbytes()
-    log.info("clq_triton: %s", report)
+        report.quant_weight_bytes += quantized[name].weight_nbytes()
+    log.info("clq_triton: %s (%s)", report, method)
     return report

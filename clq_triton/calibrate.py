@@ -1,0 +1,175 @@
+"""Calibrated quantization: CLQ (CBC + OBS + CLPS) and the SmoothQuant baseline.
+
+Blocks are processed in execution order. For block i:
+1. CBC: its recorded inputs come from running the model with blocks 0..i-1 already quantized
+   (with ``cbc=False`` they come from the full-precision model).
+2. Per-channel max |x| of every Linear input in the block (full-precision block on those
+   inputs) gives the OBS permutation (or the SmoothQuant diagonal).
+3. CLPS: each Linear in turn (in module order, earlier ones already quantized) tries every
+   (w_clip, a_clip) on the grid and keeps the pair with the least squared error at the target:
+   the block's output vs the full-precision model's ("block"), the transformer's final
+   output ("output"), or the layer's own output ("layer", the local baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import block_inputs, block_outputs, find_blocks, output_tensors, run_block, run_model
+from .capture import CalibrationData
+from .config import QuantConfig
+from .quant_linear import QuantLinear
+from .smoothing import ChannelMax, outlier_permutation, smoothquant_scale
+
+CLPS_TARGETS = ("block", "output", "layer")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Switches of the calibrated methods; the defaults are CLQ as in the paper.
+
+    cbc / obs / clps: ablation switches (CLQ only). ``obs=False`` means no rotation at all.
+    w_clip_grid / a_clip_grid: the CLPS grid; every pair is tried.
+    clps_target: "block" | "output" | "layer" (see the module docstring).
+    smooth_alpha: SmoothQuant's migration strength.
+    """
+
+    cbc: bool = True
+    obs: bool = True
+    clps: bool = True
+    w_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
+    a_clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8)
+    clps_target: str = "block"
+    smooth_alpha: float = 0.5
+
+    def __post_init__(self):
+        if self.clps_target not in CLPS_TARGETS:
+            raise ValueError(f"clps_target must be one of {CLPS_TARGETS}, got {self.clps_target!r}")
+        for v in (*self.w_clip_grid, *self.a_clip_grid):
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"clip ratios must be in (0, 1], got {v!r}")
+
+    def replace(self, **changes) -> "CalibrationOptions":
+        return replace(self, **changes)
+
+
+def _sq_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return sum(float((g.float().cpu() - w.float()).pow(2).sum()) for g, w in zip(got, want))
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` with ``module``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def calibrate(
+    model: nn.Module,
+    data: CalibrationData,
+    layers: list[tuple[str, nn.Linear, QuantConfig]],
+    method: str,
+    options: CalibrationOptions,
+    progress: bool = True,
+) -> dict[str, QuantLinear]:
+    """Quantize ``layers`` (name, Linear, its config) of ``model`` in place with ``method``
+    ("clq" or "smoothquant"); returns name → installed QuantLinear."""
+    if not len(data):
+        raise ValueError("calibration data is empty")
+    device = next(model.parameters()).device
+    blocks = find_blocks(model, data.samples[0], device)
+    by_block = {bname: [(n, lin, cfg) for n, lin, cfg in layers
+                        if n == bname or n.startswith(bname + ".")] for bname, _ in blocks}
+    in_blocks = {n for todo in by_block.values() for n, _, _ in todo}
+    outside = [n for n, _, _ in layers if n not in in_blocks]
+    if outside:
+        raise ValueError(f"calibrated methods quantize layers inside blocks only; outside: {outside}")
+    search = method == "clq" and options.clps
+    fp_outs = fp_final = None
+    if search and options.clps_target != "layer":
+        fp_outs, fp_final = block_outputs(model, [b for _, b in blocks], data, device)
+    done: dict[str, QuantLinear] = {}
+    pending: list[tuple[str, QuantLinear]] = []
+    for bi, (bname, block) in enumerate(tqdm(blocks, desc=f"calibrate {method}",
+                                             disable=not progress)):
+        todo = by_block[bname]
+        if not todo:
+            continue
+        calls = block_inputs(model, block, data, device)
+        stats = ChannelMax({n: lin for n, lin, _ in todo})
+        layer_x: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in todo}
+        grab = [lin.register_forward_pre_hook(lambda m, a, n=n: layer_x[n].append(a[0].cpu()))
+                for n, lin, _ in todo] if search and options.clps_target == "layer" else []
+        try:
+            for call in calls:
+                run_block(block, call, device)
+        finally:
+            stats.close()
+            for h in grab:
+                h.remove()
+
+        def target_error() -> float:
+            if options.clps_target == "block":  # fetched by name: the block may be the layer
+                current = model.get_submodule(bname)
+                return sum(_sq_err(run_block(current, c, device), fp_outs[bi][s])
+                           for s, c in enumerate(calls))
+            return sum(_sq_err(output_tensors(run_model(model, smp, device)), fp_final[s])
+                       for s, smp in enumerate(data.samples))
+
+        for name, lin, cfg in todo:
+            perm = cs = None
+            if method == "smoothquant":
+                cfg = cfg.replace(hadamard_block=None)
+                cs = smoothquant_scale(stats.amax[name], lin.weight, options.smooth_alpha)
+            elif options.obs and cfg.hadamard_block is not None:
+                perm = outlier_permutation(stats.amax[name], cfg.hadamard_block)
+            else:
+                cfg = cfg.replace(hadamard_block=None)
+            if not search:
+                q = QuantLinear.from_linear(lin, cfg, perm, cs)
+            elif options.clps_target == "layer":
+                q = _search_layer(lin, cfg, perm, layer_x[name], options, device)
+            else:
+                q = _search(model, name, lin, cfg, perm, options, target_error)
+            set_submodule(model, name, q)
+            done[name] = q
+        if not options.cbc:  # later blocks must see full-precision inputs: install at the end
+            for name, lin, _ in todo:
+                pending.append((name, done[name]))
+                set_submodule(model, name, lin)
+    for name, q in pending:
+        set_submodule(model, name, q)
+    return done
+
+
+def _candidates(lin, cfg, perm, options):
+    for wc in options.w_clip_grid:
+        q = QuantLinear.from_linear(lin, cfg.replace(w_clip=wc), perm)
+        for ac in options.a_clip_grid:
+            q.config = cfg.replace(w_clip=wc, a_clip=ac)
+            yield q, wc, ac
+
+
+def _search(model, name, lin, cfg, perm, options, target_error) -> QuantLinear:
+    best = (float("inf"), 1.0, 1.0)
+    for q, wc, ac in _candidates(lin, cfg, perm, options):
+        set_submodule(model, name, q)
+        err = target_error()
+        if err < best[0]:
+            best = (err, wc, ac)
+    set_submodule(model, name, lin)
+    return QuantLinear.from_linear(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), perm)
+
+
+def _search_layer(lin, cfg, perm, xs, options, device) -> QuantLinear:
+    best = (float("inf"), 1.0, 1.0)
+    with torch.no_grad():
+        want = [lin(x.to(device)) for x in xs]
+        for q, wc, ac in _candidates(lin, cfg, perm, options):
+            err = _sq_err([q(x.to(device)) for x in xs], want)
+            if err < best[0]:
+                best = (err, wc, ac)
+    return QuantLinear.from_linear(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), perm)

@@ -1,0 +1,244 @@
+"""CLQ calibration (CBC, OBS, CLPS), baselines and save/load, on small diffusers models.
+
+Calibration replays models many times, so these tests use the PyTorch reference kernels
+(CLQ_BACKEND=torch); the Triton kernels themselves are tested in the kernel test files.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import clq_triton
+from clq_triton import CalibrationData, CalibrationOptions, QuantConfig, QuantLinear
+from clq_triton.blocks import block_inputs, find_blocks, output_tensors, run_model
+from clq_triton.kernels.hadamard import rotate_ref
+from clq_triton.smoothing import outlier_permutation
+from diffusers_models import MODELS
+from toy_models import dit_pipeline, planted_dit, sample
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("CLQ_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def pipe_and_data():
+    pipe = dit_pipeline(seed=1, layers=2)
+    data = clq_triton.capture_calibration(
+        pipe.transformer, lambda: sample(pipe, [1, 3], steps=4), progress=False)
+    return pipe, data
+
+
+def model_error(model, ref_model, data):
+    num = den = 0.0
+    for s in data.samples:
+        want = output_tensors(run_model(ref_model, s, "cpu"))[0]
+        got = output_tensors(run_model(model, s, "cpu"))[0]
+        num += float((got - want).pow(2).sum())
+        den += float(want.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+# ---------------------------------------------------------------- capture
+
+
+def test_capture_records_each_sampler_step(pipe_and_data):
+    pipe, data = pipe_and_data
+    assert len(data) == 4  # 4 steps, classifier-free guidance batched in one call
+    timesteps = [int(kw["timestep"].flatten()[0]) for _, kw in data.samples]
+    assert len(set(timesteps)) == 4
+    assert all(t.device.type == "cpu" for a, _ in data.samples for t in a)
+
+
+def test_capture_every_and_max_samples_bound_memory():
+    pipe = dit_pipeline(seed=2, layers=1)
+    calls = []
+    h = pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    data = clq_triton.capture_calibration(pipe.transformer, lambda: sample(pipe, [0], steps=6),
+                                          every=2, max_samples=2, progress=False)
+    h.remove()
+    assert len(data) == 2 and len(calls) == 3  # stopped after the 3rd call (kept 1st, 3rd)
+    with pytest.raises(RuntimeError, match="never called"):
+        clq_triton.capture_calibration(pipe.transformer, lambda: None, progress=False)
+
+
+# ---------------------------------------------------------------- blocks / CBC
+
+
+def test_find_blocks_in_execution_order(gen):
+    model, inputs = MODELS["flux"](gen)
+    names = [n for n, _ in find_blocks(model.eval(), ((), inputs), "cpu")]
+    assert names == ["transformer_blocks.0", "single_transformer_blocks.0",
+                     "single_transformer_blocks.1"]
+    with pytest.raises(ValueError, match="no block list"):
+        find_blocks(nn.Sequential(nn.Linear(64, 64)), ((torch.randn(1, 64),), {}), "cpu")
+
+
+def test_cbc_inputs_differ_from_fp_and_result_no_worse(pipe_and_data):
+    pipe, data = pipe_and_data
+    fp = pipe.transformer
+    blocks = [b for _, b in find_blocks(fp, data.samples[0], "cpu")]
+    fp_in = block_inputs(fp, blocks[1], data, "cpu")
+    cbc = copy.deepcopy(fp)
+    clq_triton.patch(cbc, bits="w4a4", calibration=data, progress=False)
+    no_cbc = copy.deepcopy(fp)
+    clq_triton.patch(no_cbc, bits="w4a4", calibration=data, cbc=False, progress=False)
+    # block 1 of the CBC model is fed by quantized block 0: its inputs are not the FP ones
+    q_in = block_inputs(cbc, dict(cbc.named_modules())["transformer_blocks.1"], data, "cpu")
+    assert not torch.equal(q_in[0][0][0], fp_in[0][0][0])
+    e_cbc, e_fp = model_error(cbc, fp, data), model_error(no_cbc, fp, data)
+    print(f"W4A4 output error: CBC {e_cbc:.4f}, FP-input calibration {e_fp:.4f}")
+    assert e_cbc <= 1.1 * e_fp
+
+
+# ---------------------------------------------------------------- OBS
+
+
+def test_outlier_permutation_deals_outliers_over_blocks(gen):
+    score = torch.rand(256, generator=gen)
+    top = torch.randperm(256, generator=gen)[:4]
+    score[top] = 100 + torch.arange(4.0)
+    perm = outlier_permutation(score, 64)
+    assert torch.equal(torch.sort(perm.long()).values, torch.arange(256))
+    blocks_of_top = {int((perm.long() == c).nonzero()) // 64 for c in top}
+    assert blocks_of_top == {0, 1, 2, 3}
+
+
+def test_obs_rotation_is_exact_in_full_precision(gen):
+    k, n = 256, 48
+    x = torch.randn(20, k, generator=gen, dtype=torch.float64)
+    x[:, :4] *= 50
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    perm = outlier_permutation(x.abs().amax(0), 64)
+    y = rotate_ref(x, perm, 64) @ rotate_ref(w, perm, 64).T
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-12, atol=1e-9)
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, gen):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(256, 64)])
+        with torch.no_grad():
+            self.blocks[0].weight.copy_(torch.randn(64, 256, generator=gen) / 16)
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+def test_obs_beats_rtn_and_full_hadamard_on_planted_outliers(gen):
+    model = _OneLayer(gen).eval()
+    xs = []
+    for _ in range(4):
+        x = torch.randn(32, 256, generator=gen)
+        x[:, :4] *= 30  # outlier channels, all in the first Hadamard block
+        xs.append(dict(x=x))
+    data = CalibrationData.from_inputs(xs)
+    errs = {}
+    for name, kw in {"rtn": dict(method="rtn"), "quarot": dict(method="quarot"),
+                     "obs": dict(method="clq", clps=False)}.items():
+        m = copy.deepcopy(model)
+        clq_triton.patch(m, QuantConfig(hadamard_block=64), calibration=data, progress=False, **kw)
+        errs[name] = model_error(m, model, data)
+    print("planted-outlier layer, W4A4 error:", {k: round(v, 4) for k, v in errs.items()})
+    assert errs["obs"] < errs["quarot"] < errs["rtn"]
+
+
+# ---------------------------------------------------------------- CLPS
+
+
+def test_clps_lowers_downstream_error(pipe_and_data):
+    pipe, data = pipe_and_data
+    fp = pipe.transformer
+    errs, chosen = {}, {}
+    for name, kw in {"clps": {}, "none": dict(clps=False)}.items():
+        m = copy.deepcopy(fp)
+        clq_triton.patch(m, bits="w4a4", calibration=data, progress=False, **kw)
+        errs[name] = model_error(m, fp, data)
+        chosen[name] = {(q.config.w_clip, q.config.a_clip) for q in m.modules()
+                        if isinstance(q, QuantLinear)}
+    print(f"W4A4 output error: CLPS {errs['clps']:.4f}, no search {errs['none']:.4f}; "
+          f"chosen clips {sorted(chosen['clps'])}")
+    assert chosen["clps"] != {(1.0, 1.0)}
+    assert errs["clps"] < errs["none"]
+
+
+def test_clps_block_target_beats_layer_target(pipe_and_data):
+    pipe, data = pipe_and_data
+    fp = pipe.transformer
+    errs = {}
+    for target in ("block", "layer"):
+        m = copy.deepcopy(fp)
+        clq_triton.patch(m, bits="w4a4", calibration=data, progress=False,
+                         options=CalibrationOptions(clps_target=target))
+        errs[target] = model_error(m, fp, data)
+    print(f"W4A4 output error by CLPS target: {errs}")
+    assert errs["block"] < errs["layer"]
+
+
+# ---------------------------------------------------------------- methods, pipeline, errors
+
+
+@pytest.mark.parametrize("bits", ["w4a4", "w4a8", "w8a8"])
+def test_every_method_runs_in_the_pipeline(bits):
+    pipe = dit_pipeline(seed=3, layers=1)
+    data = clq_triton.capture_calibration(pipe.transformer, lambda: sample(pipe, [2], steps=2),
+                                          progress=False)
+    fp_images = sample(pipe, [4], steps=2)
+    fp = pipe.transformer
+    for method in clq_triton.METHODS:
+        pipe.transformer = copy.deepcopy(fp)
+        report = clq_triton.patch(pipe.transformer, bits=bits, method=method, calibration=data,
+                                  progress=False,
+                                  options=CalibrationOptions(w_clip_grid=(1.0, 0.9),
+                                                             a_clip_grid=(1.0, 0.9)))
+        assert len(report.quantized) == 6
+        images = sample(pipe, [4], steps=2)
+        assert images.shape == fp_images.shape and np.isfinite(images).all()
+    pipe.transformer = fp
+
+
+def test_calibration_errors():
+    model = planted_dit(0, layers=1)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        clq_triton.patch(model, method="clq", progress=False)
+    with pytest.raises(ValueError, match="method must be one of"):
+        clq_triton.patch(model, method="gptq", progress=False)
+    with pytest.raises(ValueError, match="clps_target"):
+        CalibrationOptions(clps_target="deep")
+    with pytest.raises(ValueError, match="clip ratios"):
+        CalibrationOptions(a_clip_grid=(1.2,))
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def test_save_load_bit_identical(pipe_and_data, tmp_path):
+    pipe, data = pipe_and_data
+    model = copy.deepcopy(pipe.transformer)
+    clq_triton.patch(model, bits="w4a8", calibration=data, progress=False,
+                     options=CalibrationOptions(w_clip_grid=(1.0, 0.85), a_clip_grid=(1.0, 0.9)))
+    clq_triton.save_quantized(model, str(tmp_path))
+    want = [output_tensors(run_model(model, s, "cpu"))[0] for s in data.samples]
+    for target in (copy.deepcopy(pipe.transformer), type(pipe.transformer)):
+        loaded = clq_triton.load_quantized(target, str(tmp_path)).eval()
+        got = [output_tensors(run_model(loaded, s, "cpu"))[0] for s in data.samples]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        layers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+        assert len(layers) == 12 and all(q.perm is not None for q in layers)
+
+
+def test_load_into_mismatched_model_is_clear(pipe_and_data, tmp_path, gen):
+    pipe, data = pipe_and_data
+    model = copy.deepcopy(pipe.transformer)
+    clq_triton.patch(model, bits="w4a4", progress=False)
+    clq_triton.save_quantized(model, str(tmp_path))
+    with pytest.raises(ValueError, match="checkpoint is for DiTTransformer2DModel"):
+        clq_triton.load_quantized(MODELS["pixart"](gen)[0], str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist|does not match"):
+        clq_triton.load_quantized(planted_dit(0, layers=1), str(tmp_path))
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        clq_triton.save_quantized(planted_dit(0, layers=1), str(tmp_path))
