@@ -1,0 +1,86 @@
+"""Module and model benchmarks: QuantLinear vs nn.Linear, a whole DiT forward, memory."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import clq_triton
+from clq_triton import QuantConfig, QuantLinear
+from bench_utils import CUDA, DEVICE, DTYPE, GEMM_SHAPES, run, shape_id
+
+LINEAR_SHAPES = GEMM_SHAPES[3:6] if CUDA else GEMM_SHAPES[:1]
+
+
+@pytest.mark.parametrize("kind", ["nn.Linear", "w4a4", "w4a8", "w8a8"])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=shape_id)
+def test_linear(benchmark, info, shape, kind):
+    m, k, n = shape
+    lin = nn.Linear(k, n).to(DEVICE, DTYPE)
+    layer = lin if kind == "nn.Linear" else QuantLinear.from_linear(
+        lin, QuantConfig.from_bits(kind, hadamard_block=128))
+    x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        t = run(benchmark, lambda: layer(x))
+    info.update(M=m, K=k, N=n, layer=kind, TOPS=round(2 * m * n * k / t / 1e12, 3))
+
+
+def _pixart():
+    """PixArt-Σ-sized transformer (28 blocks, hidden 1152) on CUDA; a 2-block toy on CPU."""
+    from diffusers import PixArtTransformer2DModel
+
+    if CUDA:
+        cfg = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=64,
+                   cross_attention_dim=1152, caption_channels=4096)
+        tokens, text = 64, 120
+    else:
+        cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, sample_size=8,
+                   cross_attention_dim=64, caption_channels=32)
+        tokens, text = 8, 5
+    model = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **cfg)
+    model = model.to(DEVICE, DTYPE).eval()
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, tokens, tokens, device=DEVICE, dtype=DTYPE),
+        encoder_hidden_states=torch.randn(1, text, cfg["caption_channels"], device=DEVICE,
+                                          dtype=DTYPE),
+        timestep=torch.tensor([500], device=DEVICE),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return model, inputs
+
+
+@pytest.mark.parametrize("kind", ["fp", "w4a4", "w8a8"])
+def test_transformer_forward(benchmark, info, kind):
+    model, inputs = _pixart()
+    if kind != "fp":
+        clq_triton.patch(model, bits=kind, progress=False)
+    with torch.no_grad():
+        run(benchmark, lambda: model(**inputs), rounds=5)
+    info.update(model="PixArt-Σ-sized" if CUDA else "PixArt toy", kind=kind)
+
+
+def test_memory_report(benchmark, info):
+    """Weight bytes and (on CUDA) peak forward memory, FP vs W4A4."""
+    fp, inputs = _pixart()
+    q = copy.deepcopy(fp)
+    report = clq_triton.patch(q, bits="w4a4", progress=False)
+
+    def weight_bytes(m):
+        return sum(t.numel() * t.element_size()
+                   for t in list(m.parameters()) + list(m.buffers()))
+
+    def peak(m):
+        if not CUDA:
+            return None
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            m(**inputs)
+        return torch.cuda.max_memory_allocated()
+
+    with torch.no_grad():
+        run(benchmark, lambda: q(**inputs), rounds=3)
+    info.update(fp_model_bytes=weight_bytes(fp), w4a4_model_bytes=weight_bytes(q),
+                quantized_layers_fp_bytes=report.fp_weight_bytes,
+                quantized_layers_w4a4_bytes=report.quant_weight_bytes,
+                layer_ratio=round(report.weight_ratio, 4), fp_peak_bytes=peak(fp),
+                w4a4_peak_bytes=peak(q))
