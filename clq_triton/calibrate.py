@@ -145,31 +145,35 @@ def calibrate(
     return done
 
 
-def _candidates(lin, cfg, perm, options):
+def _best_clips(lin, cfg, perm, options, error) -> QuantLinear:
+    """Try every (w_clip, a_clip) on the grid; ``error(q)`` scores a candidate QuantLinear.
+    Returns the layer quantized with the best pair (ties keep the earlier pair)."""
+    best = (float("inf"), 1.0, 1.0)
     for wc in options.w_clip_grid:
         q = QuantLinear.from_linear(lin, cfg.replace(w_clip=wc), perm)
         for ac in options.a_clip_grid:
             q.config = cfg.replace(w_clip=wc, a_clip=ac)
-            yield q, wc, ac
-
-
-def _search(model, name, lin, cfg, perm, options, target_error) -> QuantLinear:
-    best = (float("inf"), 1.0, 1.0)
-    for q, wc, ac in _candidates(lin, cfg, perm, options):
-        set_submodule(model, name, q)
-        err = target_error()
-        if err < best[0]:
-            best = (err, wc, ac)
-    set_submodule(model, name, lin)
-    return QuantLinear.from_linear(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), perm)
-
-
-def _search_layer(lin, cfg, perm, xs, options, device) -> QuantLinear:
-    best = (float("inf"), 1.0, 1.0)
-    with torch.no_grad():
-        want = [lin(x.to(device)) for x in xs]
-        for q, wc, ac in _candidates(lin, cfg, perm, options):
-            err = _sq_err([q(x.to(device)) for x in xs], want)
+            err = error(q)
             if err < best[0]:
                 best = (err, wc, ac)
     return QuantLinear.from_linear(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), perm)
+
+
+def _search(model, name, lin, cfg, perm, options, target_error) -> QuantLinear:
+    """CLPS at a downstream target: the candidate is installed, the model/block replayed."""
+    def error(q):
+        set_submodule(model, name, q)
+        return target_error()
+
+    try:
+        return _best_clips(lin, cfg, perm, options, error)
+    finally:
+        set_submodule(model, name, lin)
+
+
+def _search_layer(lin, cfg, perm, xs, options, device) -> QuantLinear:
+    """The local baseline: error at the layer's own output on its recorded inputs."""
+    with torch.no_grad():
+        want = [lin(x.to(device)) for x in xs]
+        return _best_clips(lin, cfg, perm, options,
+                           lambda q: _sq_err([q(x.to(device)) for x in xs], want))

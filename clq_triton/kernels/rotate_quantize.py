@@ -115,9 +115,7 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_scale=None):
         block = MAX_KERNEL_BLOCK
     hb = block or 0
     tile = max(hb, group if bits else 16)
-    while k % tile:  # float mode without rotation: any tile that divides K
-        tile //= 2
-    if tile < 16:
+    if k % tile:  # only reachable in float mode without rotation
         raise ValueError(f"K={k} must be a multiple of 16 for the Triton rotate kernel")
     bm = max(16, min(64, 8192 // tile))
     perm_arg = perm.to(torch.int32) if perm is not None else x2
