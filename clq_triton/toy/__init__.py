@@ -1,0 +1,1 @@
+"""A small class-conditional DiT trained by the project, to judge quantization quality on."""
