@@ -72,7 +72,7 @@ def test_gemm_reference_backend_agrees(kernel_device, monkeypatch, gen):
                       torch.float32)
     monkeypatch.setenv("CLQ_BACKEND", "torch")
     yr = quant_matmul(xq, xs, wq, ws, None, 4, 4, 64, torch.float32)
-    torch.testing.assert_close(yk.cpu(), yr, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(yk.cpu(), yr, rtol=1e-5, atol=1e-4)  # fp32 dequantized matmul
 
 
 def test_gemm_empty_m(kernel_device):

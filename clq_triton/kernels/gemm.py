@@ -111,15 +111,15 @@ def _codes(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quant_matmul_ref(xq, xs, wq, ws, bias, a_bits, w_bits, group_size, out_dtype):
-    """Reference of :func:`quant_matmul`: per-group float32 matmuls of the integer codes
-    (exact: |group dot| <= 127·127·256 < 2**24), rescaled and summed in float32."""
+    """Reference of :func:`quant_matmul` (and the CPU fallback): one float32 matmul of the
+    dequantized operands, ``(codes_x · xs) @ (codes_w · ws)ᵀ + bias`` — the same sum as the
+    kernel's per-group integer dots, up to float32 rounding."""
     a = _codes(xq, a_bits).float()
     b = _codes(wq, w_bits).float()
-    k = a.shape[1]
-    y = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-    for g in range(k // group_size):
-        sl = slice(g * group_size, (g + 1) * group_size)
-        y += (a[:, sl] @ b[:, sl].T) * xs[:, g : g + 1].float() * ws[:, g].float()[None, :]
+    m, k = a.shape
+    a = (a.view(m, k // group_size, group_size) * xs.float().unsqueeze(-1)).view(m, k)
+    b = (b.view(-1, k // group_size, group_size) * ws.float().unsqueeze(-1)).view(-1, k)
+    y = a @ b.T
     if bias is not None:
         y += bias.float()[None, :]
     return y.to(out_dtype)

@@ -46,17 +46,22 @@ def quantize_ref(
     mult = torch.tensor(scale_multiplier(bits, clip), dtype=torch.float32)
     k = x.shape[-1]
     g = x.float().reshape(*x.shape[:-1], k // group_size, group_size)
-    bad = ~torch.isfinite(g).all(dim=-1)
-    amax = torch.where(bad, 0.0, g.abs().amax(dim=-1))
+    mag = g.abs()
+    amax = mag.amax(dim=-1)  # NaN and Inf propagate into the group max
+    bad = ~torch.isfinite(amax)
+    any_bad = bool(bad.any())
+    if any_bad:
+        amax = torch.where(bad, 0.0, amax)
     scale = (amax * mult).to(scale_dtype).float()
     if scale_dtype != torch.float32 and bool(torch.isinf(scale).any()):
         raise OverflowError(f"a group scale overflows {scale_dtype}: values too large to store")
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    mag = torch.floor(g.abs() * inv.unsqueeze(-1) + 0.5).clamp(max=qmax)
-    codes = torch.where(g < 0, -mag, mag)
-    codes = torch.where(bad.unsqueeze(-1), 0.0, codes).to(torch.int8).reshape(x.shape)
-    scale = torch.where(bad, float("nan"), scale).to(scale_dtype)
-    return codes, scale
+    mag = mag.mul_(inv.unsqueeze(-1)).add_(0.5).floor_().clamp_(max=qmax)
+    codes = torch.copysign(mag, g)
+    if any_bad:
+        codes = torch.where(bad.unsqueeze(-1), 0.0, codes)
+        scale = torch.where(bad, float("nan"), scale)
+    return codes.to(torch.int8).reshape(x.shape), scale.to(scale_dtype)
 
 
 def dequantize_ref(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
