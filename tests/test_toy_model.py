@@ -29,7 +29,8 @@ def test_load_without_weights_is_clear(tmp_path):
         load_tiny_dit(str(tmp_path))
 
 
-def test_train_script_saves_a_loadable_model(tmp_path):
+def test_train_script_and_quality_table_run(tmp_path):
+    """Train 3 steps, reload, then run bench/quality.py on those weights with tiny settings."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_tiny_dit.py"),
                           "--max-steps", "3", "--batch", "8", "--eval-samples", "4",
                           "--out", str(tmp_path)],
@@ -40,3 +41,13 @@ def test_train_script_saves_a_loadable_model(tmp_path):
     model, sched = load_tiny_dit(str(tmp_path))
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in new_tiny_dit().parameters())
+    table = tmp_path / "quality.md"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quality.py"),
+                          "--weights", str(tmp_path), "--bits", "w4a4", "--methods", "RTN", "CLQ",
+                          "--per-class", "1", "--steps", "2", "--calib-samples", "1",
+                          "--w-clips", "1.0", "0.9", "--a-clips", "1.0", "--out", str(table)],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, CLQ_BACKEND="torch"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln for ln in table.read_text().splitlines() if ln.startswith("| ")]
+    assert [r.split("|")[2].strip() for r in rows[1:]] == ["FP", "RTN", "CLQ"]
