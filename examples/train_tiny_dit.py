@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="continue from the weights saved in this directory")
     ap.add_argument("--out", default=WEIGHTS_DIR)
     ap.add_argument("--eval-samples", type=int, default=2 * N_CLASSES,
                     help="FP samples to check after training")
@@ -32,7 +33,12 @@ def main():
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = new_tiny_dit().train()
+    if args.init:
+        from diffusers import DiTTransformer2DModel
+
+        model = DiTTransformer2DModel.from_pretrained(args.init).train()
+    else:
+        model = new_tiny_dit().train()
     ema = copy.deepcopy(model).eval()
     noise_sched = new_scheduler()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
