@@ -242,3 +242,22 @@ def test_load_into_mismatched_model_is_clear(pipe_and_data, tmp_path, gen):
         clq_triton.load_quantized(planted_dit(0, layers=1), str(tmp_path))
     with pytest.raises(ValueError, match="no QuantLinear"):
         clq_triton.save_quantized(planted_dit(0, layers=1), str(tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_clq_calibrates_every_architecture(name, gen):
+    """CBC + OBS + CLPS on each small diffusers transformer (two recorded calls)."""
+    model, inputs = MODELS[name](gen)
+    model = model.eval()
+    _, inputs2 = MODELS[name](gen)
+    data = CalibrationData.from_inputs([inputs, inputs2])
+    fp = copy.deepcopy(model)
+    report = clq_triton.patch(model, bits="w4a4", calibration=data, progress=False,
+                              options=CalibrationOptions(w_clip_grid=(1.0, 0.9),
+                                                         a_clip_grid=(1.0, 0.9)))
+    assert report.quantized and not report.skipped
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in report.quantized)
+    assert all(model.get_submodule(n).perm is not None for n in report.quantized)
+    err = model_error(model, fp, data)
+    print(f"{name}: CLQ W4A4 output error on its calibration inputs {err:.4f}")
+    assert err < 0.5
