@@ -75,8 +75,8 @@ def calibrate(
     options: CalibrationOptions,
     progress: bool = True,
 ) -> dict[str, QuantLinear]:
-    """Quantize ``layers`` (name, Linear, its config) of ``model`` in place with ``method``
-    ("clq" or "smoothquant"); returns name → installed QuantLinear."""
+    """Quantize ``layers`` (name, Linear, its config from ``patch.layer_config``) of ``model``
+    in place with ``method`` ("clq" or "smoothquant"); returns name → installed QuantLinear."""
     if not len(data):
         raise ValueError("calibration data is empty")
     device = next(model.parameters()).device
@@ -120,14 +120,11 @@ def calibrate(
                        for s, smp in enumerate(data.samples))
 
         for name, lin, cfg in todo:
-            perm = cs = None
+            perm = cs = None  # cfg already says whether the layer is rotated (layer_config)
             if method == "smoothquant":
-                cfg = cfg.replace(hadamard_block=None)
                 cs = smoothquant_scale(stats.amax[name], lin.weight, options.smooth_alpha)
-            elif options.obs and cfg.hadamard_block is not None:
+            elif cfg.hadamard_block is not None:
                 perm = outlier_permutation(stats.amax[name], cfg.hadamard_block)
-            else:
-                cfg = cfg.replace(hadamard_block=None)
             if not search:
                 q = QuantLinear.from_linear(lin, cfg, perm, cs)
             elif options.clps_target == "layer":

@@ -91,9 +91,10 @@ METHODS = ("clq", "smoothquant", "quarot", "rtn", "hadamard")
 CALIBRATED = ("clq", "smoothquant")
 
 
-def layer_config(method: str, config: QuantConfig, k: int) -> QuantConfig:
-    """The config one layer of input size K gets under ``method`` (before calibration)."""
-    if method in ("rtn", "smoothquant"):
+def layer_config(method: str, config: QuantConfig, k: int, obs: bool = True) -> QuantConfig:
+    """The config one layer of input size K gets under ``method`` (before calibration); the
+    one place that decides whether, and with which block, a layer is rotated."""
+    if method in ("rtn", "smoothquant") or (method == "clq" and not obs):
         return config.replace(hadamard_block=None)
     if method == "quarot":  # the widest power-of-two Hadamard that divides K
         return config.replace(hadamard_block=fit_hadamard_block(k, 1 << (k.bit_length() - 1)))
@@ -154,7 +155,7 @@ def patch(
             log.info("clq_triton: keeping %s in full precision: %s", name, reason)
             report.skipped[name] = reason
             continue
-        todo.append((name, lin, layer_config(method, config, k)))
+        todo.append((name, lin, layer_config(method, config, k, options.obs)))
     if not todo:
         log.warning("patch(): no eligible nn.Linear found in %s", type(model).__name__)
     if method in CALIBRATED:
