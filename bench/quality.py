@@ -22,6 +22,7 @@ import time
 import torch
 
 import clq_triton
+from clq_triton.images import psnr
 from clq_triton.toy.model import WEIGHTS_DIR, load_tiny_dit, sample
 from clq_triton.toy.shapes import N_CLASSES, accuracy, frechet_distance, image_features, make_images
 
@@ -34,12 +35,6 @@ VARIANTS = {  # name → patch() keyword arguments
     "CLQ w/o OBS": dict(method="clq", obs=False),
     "CLQ w/o CLPS": dict(method="clq", clps=False),
 }
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean PSNR (dB) over images in [-1, 1] (peak-to-peak 2)."""
-    mse = (a - b).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return float((10 * torch.log10(4.0 / mse)).mean())
 
 
 def main():
