@@ -64,6 +64,7 @@ class QuantLinear(nn.Module):
                              if has_channel_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device)
                              if bias else None)
+        self.register_load_state_dict_post_hook(_check_loaded_perm)
 
     @classmethod
     def from_linear(
@@ -119,7 +120,8 @@ class QuantLinear(nn.Module):
         cfg = self.config
         x2 = x.reshape(-1, self.in_features)
         xq, xs = rotate_quantize(x2, self.perm, cfg.hadamard_block, cfg.group_size, cfg.a_bits,
-                                 cfg.a_clip, channel_scale=self.channel_scale)
+                                 cfg.a_clip, channel_scale=self.channel_scale,
+                                 check_perm_values=False)  # checked in from_linear / on load
         y = quant_matmul(xq, xs, self.qweight, self.wscale, self.bias, cfg.a_bits, cfg.w_bits,
                          cfg.group_size, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -156,3 +158,8 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, {c.name}, group_size={c.group_size}, "
                 f"hadamard_block={c.hadamard_block}, perm={self.perm is not None}, "
                 f"channel_scale={self.channel_scale is not None}")
+
+
+def _check_loaded_perm(module: QuantLinear, incompatible_keys) -> None:
+    """After load_state_dict: the loaded perm must be a permutation (forward trusts it)."""
+    check_perm(module.perm, module.in_features)

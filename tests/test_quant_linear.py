@@ -109,6 +109,24 @@ def test_state_dict_mismatch_is_clear(gen):
         other.load_state_dict(q.state_dict())
 
 
+def test_perm_checked_on_load_not_per_forward(monkeypatch, gen):
+    import clq_triton.kernels.rotate_quantize as rq
+
+    q = QuantLinear.from_linear(_linear(128, 48, gen), QuantConfig(),
+                                perm=torch.randperm(128, generator=gen))
+    sd = q.state_dict()
+    sd["perm"] = sd["perm"].clone()
+    sd["perm"][3] = sd["perm"][4]  # a duplicate: no longer a permutation
+    with pytest.raises(ValueError, match="not a permutation"):
+        QuantLinear(128, 48, has_perm=True).load_state_dict(sd)
+    calls = []
+    real = rq.check_perm
+    monkeypatch.setattr(rq, "check_perm", lambda p, k, values=True: (calls.append(values),
+                                                                       real(p, k, values)))
+    q(torch.randn(5, 128, generator=gen))
+    assert calls == [False]  # forward does not read perm back (no device sync)
+
+
 def test_nonfinite_input_gives_nan_rows_only(device, gen):
     q = QuantLinear.from_linear(_linear(64, 16, gen), QuantConfig()).to(device)
     x = torch.randn(4, 64, generator=gen)

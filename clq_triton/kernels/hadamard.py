@@ -47,8 +47,11 @@ def check_block(block: int | None, k: int) -> None:
         raise ValueError(f"K={k} is not a multiple of the Hadamard block size {block}")
 
 
-def check_perm(perm: torch.Tensor | None, k: int) -> None:
-    """``perm`` is None or a 1-D integer permutation of range(K)."""
+def check_perm(perm: torch.Tensor | None, k: int, values: bool = True) -> None:
+    """``perm`` is None or a 1-D integer permutation of range(K).
+
+    ``values=False`` checks dtype and shape only: the value check reads the tensor back (a
+    device sync), so callers that validated ``perm`` once (QuantLinear) skip it per call."""
     if perm is None:
         return
     if perm.dtype not in (torch.int32, torch.int64) or perm.dim() != 1 or perm.numel() != k:
@@ -56,6 +59,8 @@ def check_perm(perm: torch.Tensor | None, k: int) -> None:
             f"perm must be a 1-D int32/int64 tensor of length K={k}, "
             f"got {perm.dtype} shape {tuple(perm.shape)}"
         )
+    if not values:
+        return
     seen = torch.zeros(k, dtype=torch.bool, device=perm.device)
     seen[perm.long()] = True
     if not bool(seen.all()):

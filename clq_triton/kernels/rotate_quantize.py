@@ -185,6 +185,7 @@ def rotate_quantize(
     clip: float = 1.0,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     channel_scale: torch.Tensor | None = None,
+    check_perm_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the rotated activations x·D·S·H per token per group.
 
@@ -197,13 +198,15 @@ def rotate_quantize(
          8 bits → int8 [M, K];
       scales: float32 [M, K // group_size] (NaN for groups holding NaN/Inf).
     ``out`` optionally gives preallocated (q, scales) to write into.
+    ``check_perm_values=False`` skips reading ``perm`` back to check it is a permutation (a
+    device sync); only for a perm validated before, as QuantLinear does.
     """
     check_float("x", x, ndim=2)
     check_bits("bits", bits)
     m, k = x.shape
     check_group(group_size, k)
     check_block(block, k)
-    check_perm(perm, k)
+    check_perm(perm, k, values=check_perm_values)
     _check_channel_scale(channel_scale, k)
     check_same_device(x=x, perm=perm, channel_scale=channel_scale)
     q_shape = (m, k // 2) if bits == 4 else (m, k)
