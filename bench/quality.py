@@ -17,6 +17,7 @@ import copy
 import datetime
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -43,7 +44,7 @@ def main():
     ap.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"])
     ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--per-class", type=int, default=2, help="evaluation images per class")
-    ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
     ap.add_argument("--calib-samples", type=int, default=10, help="captured sampler steps")
     ap.add_argument("--w-clips", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.85, 0.8],
                     help="CLPS weight clip grid")
@@ -99,7 +100,8 @@ def write_table(args, rows, device, n_calib):
     lines = [
         "# Quality of quantized tiny DiT (coloured shapes, 48 classes)",
         "",
-        f"Measured {datetime.date.today()} on {machine} by `python bench/quality.py`;",
+        f"Measured {datetime.date.today()} on {machine} by "
+        f"`python bench/quality.py {' '.join(sys.argv[1:])}`;".replace(" `;", "`;"),
         f"{N_CLASSES * args.per_class} images ({args.per_class} per class), DDIM {args.steps} "
         f"steps, guidance 2.0, same noise for every row; calibration: {n_calib} captured "
         "sampler steps of 12 other classes and other noise. Group size 64, Hadamard block 64, "

@@ -3,7 +3,7 @@
     python examples/train_tiny_dit.py --minutes 25      # writes clq_triton/toy/weights/
 
 Data: clq_triton.toy.shapes (48 classes = shape × colour × quadrant), drawn fresh each step.
-Objective: epsilon prediction, cosine noise schedule, AdamW, EMA of the weights (saved).
+Objective: v-prediction, cosine noise schedule, AdamW, EMA of the weights (saved).
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=25.0, help="training time budget")
     ap.add_argument("--max-steps", type=int, default=100_000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label-dropout", type=float, default=0.1,
+                    help="fraction of samples trained unconditionally (for guidance)")
     ap.add_argument("--init", help="continue from the weights saved in this directory")
     ap.add_argument("--out", default=WEIGHTS_DIR)
     ap.add_argument("--eval-samples", type=int, default=2 * N_CLASSES,
                     help="FP samples to check after training")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="also check 48 EMA samples (10 DDIM steps) every N steps; 0 = never")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -39,23 +43,36 @@ def main():
         model = DiTTransformer2DModel.from_pretrained(args.init).train()
     else:
         model = new_tiny_dit().train()
+    # Classifier-free guidance needs the unconditional model: drop a sample's label (→ null
+    # class N_CLASSES) for all blocks at once. diffusers' own dropout draws per block, so the
+    # "null in every block" input used at sampling time would never be seen: switch it off.
+    for mod in model.modules():
+        if type(mod).__name__ == "LabelEmbedding":
+            mod.dropout_prob = 0.0
     ema = copy.deepcopy(model).eval()
     noise_sched = new_scheduler()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     alphas = noise_sched.alphas_cumprod
+    v_pred = noise_sched.config.prediction_type == "v_prediction"
+    from diffusers import DDIMScheduler
+
+    sampler = DDIMScheduler.from_config(noise_sched.config)
     start = time.time()
     step, running = 0, None
     while step < args.max_steps and time.time() - start < args.minutes * 60:
         labels = torch.randint(0, N_CLASSES, (args.batch,), generator=gen)
         x0 = make_images(labels, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        drop = torch.rand(args.batch, generator=gen) < args.label_dropout
+        cond = torch.where(drop, N_CLASSES, labels)
         eps = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         lr = args.lr * min(1.0, (step + 1) / 200)  # warm-up
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = (model(xt, timestep=t, class_labels=labels).sample - eps).pow(2).mean()
+        target = noise_sched.get_velocity(x0, eps, t) if v_pred else eps
+        loss = (model(xt, timestep=t, class_labels=cond).sample - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -68,15 +85,21 @@ def main():
         step += 1
         if step % 200 == 0:
             print(f"step {step}  loss {running:.4f}  {time.time() - start:.0f}s", flush=True)
+        if args.eval_every and step % args.eval_every == 0:
+            labels = torch.arange(N_CLASSES)
+            acc = accuracy(sample(ema, sampler, labels, steps=10), labels)
+            print(f"step {step}  EMA sample accuracy {_fmt(acc)}", flush=True)
 
     ema.save_pretrained(args.out, safe_serialization=True)
-    from diffusers import DDIMScheduler
-
-    DDIMScheduler.from_config(noise_sched.config).save_pretrained(args.out)
+    sampler.save_pretrained(args.out)
     labels = torch.arange(args.eval_samples) % N_CLASSES
-    acc = accuracy(sample(ema, DDIMScheduler.from_config(noise_sched.config), labels), labels)
+    acc = accuracy(sample(ema, sampler, labels), labels)
     print(f"trained {step} steps in {time.time() - start:.0f}s; saved to {args.out}")
-    print(f"checker accuracy of {labels.numel()} FP samples: {acc}")
+    print(f"checker accuracy of {labels.numel()} FP samples: {_fmt(acc)}")
+
+
+def _fmt(acc: dict) -> str:
+    return "  ".join(f"{k} {v:.0%}" for k, v in acc.items())
 
 
 if __name__ == "__main__":
