@@ -87,7 +87,7 @@ def main():
             print(f"step {step}  loss {running:.4f}  {time.time() - start:.0f}s", flush=True)
         if args.eval_every and step % args.eval_every == 0:
             labels = torch.arange(N_CLASSES)
-            acc = accuracy(sample(ema, sampler, labels, steps=10), labels)
+            acc = accuracy(sample(ema, sampler, labels), labels)
             print(f"step {step}  EMA sample accuracy {_fmt(acc)}", flush=True)
 
     ema.save_pretrained(args.out, safe_serialization=True)
