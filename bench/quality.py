@@ -24,8 +24,8 @@ import torch
 
 import clq_triton
 from clq_triton.images import psnr
-from clq_triton.toy.model import WEIGHTS_DIR, load_tiny_dit, sample
-from clq_triton.toy.shapes import N_CLASSES, accuracy, frechet_distance, image_features, make_images
+from clq_triton.toy.model import WEIGHTS_DIR, calibration_data, load_tiny_dit, sample
+from clq_triton.toy.shapes import N_CLASSES, accuracy, frechet_distance, image_features, real_features
 
 VARIANTS = {  # name → patch() keyword arguments
     "RTN": dict(method="rtn"),
@@ -60,13 +60,8 @@ def main():
     fp, sched = load_tiny_dit(args.weights)
     fp = fp.to(device)
     labels = torch.arange(N_CLASSES).repeat(args.per_class)
-    real = image_features(make_images(torch.arange(N_CLASSES).repeat(40),
-                                      generator=torch.Generator().manual_seed(123)))
-    calib_labels = torch.arange(0, N_CLASSES, 4)  # 12 classes, other noise than evaluation
-    data = clq_triton.capture_calibration(
-        fp, lambda: sample(fp, sched, calib_labels, steps=args.steps, seed=1),
-        every=max(1, args.steps // args.calib_samples), max_samples=args.calib_samples,
-        progress=False)
+    real = real_features(40)
+    data = calibration_data(fp, sched, args.steps, args.calib_samples, progress=False)
 
     def evaluate(model):
         t0 = time.time()
@@ -101,7 +96,7 @@ def write_table(args, rows, device, n_calib):
         "# Quality of quantized tiny DiT (coloured shapes, 48 classes)",
         "",
         f"Measured {datetime.date.today()} on {machine} by "
-        f"`python bench/quality.py {' '.join(sys.argv[1:])}`;".replace(" `;", "`;"),
+        f"`{' '.join(['python bench/quality.py', *sys.argv[1:]])}`;",
         f"{N_CLASSES * args.per_class} images ({args.per_class} per class), DDIM {args.steps} "
         f"steps, guidance 2.0, same noise for every row; calibration: {n_calib} captured "
         "sampler steps of 12 other classes and other noise. Group size 64, Hadamard block 64, "

@@ -49,19 +49,16 @@ def quantize(transformer, args, data, timer):
 
 
 def tiny_dit(args, timer):
-    from clq_triton.toy.model import load_tiny_dit, sample
+    from clq_triton.toy.model import calibration_data, load_tiny_dit, sample
     from clq_triton.toy.shapes import (N_CLASSES, accuracy, frechet_distance, image_features,
-                                       make_images)
+                                       real_features)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fp, sched = load_tiny_dit()
     fp = fp.to(device)
     timer.lap(f"loaded the shipped tiny DiT ({sum(p.numel() for p in fp.parameters()):,} "
               f"parameters, {device})")
-    calib_labels = torch.arange(0, N_CLASSES, 4)  # other classes and noise than the images shown
-    data = clq_triton.capture_calibration(
-        fp, lambda: sample(fp, sched, calib_labels, steps=args.steps, seed=1),
-        every=max(1, args.steps // args.calib_samples), max_samples=args.calib_samples)
+    data = calibration_data(fp, sched, args.steps, args.calib_samples)
     timer.lap(f"captured {len(data)} calibration steps")
     quant = copy.deepcopy(fp)
     quantize(quant, args, data, timer)
@@ -71,8 +68,7 @@ def tiny_dit(args, timer):
     q_imgs = sample(quant, sched, labels, steps=args.steps, seed=0)
     timer.lap(f"sampled {len(labels)} FP and {len(labels)} {args.bits} images, "
               f"{args.steps} DDIM steps")
-    real = image_features(make_images(torch.arange(N_CLASSES).repeat(20),
-                                      generator=torch.Generator().manual_seed(123)))
+    real = real_features(20)
     print(f"{'':8} {'overall':>8} {'shape':>6} {'colour':>6} {'position':>8} {'FD':>8}")
     for name, imgs in (("FP", fp_imgs), (args.bits, q_imgs)):
         acc = accuracy(imgs, labels)

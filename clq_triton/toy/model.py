@@ -62,3 +62,15 @@ def sample(model, scheduler, labels: torch.Tensor, steps: int = 10, guidance: fl
         cond, uncond = eps.chunk(2)
         x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
     return x.clamp(-1, 1).cpu()
+
+
+def calibration_data(model, scheduler, steps: int = 10, samples: int = 8, progress: bool = True):
+    """CalibrationData for the tiny DiT: ``samples`` steps captured from one ``steps``-step
+    DDIM run over 12 classes (every 4th label) with seed 1, i.e. other classes and other noise
+    than evaluation samples drawn with :func:`sample`'s default seed 0."""
+    from ..capture import capture_calibration
+
+    labels = torch.arange(0, N_CLASSES, 4)
+    return capture_calibration(model, lambda: sample(model, scheduler, labels, steps=steps, seed=1),
+                               every=max(1, steps // samples), max_samples=samples,
+                               progress=progress)

@@ -87,6 +87,13 @@ def image_features(images: torch.Tensor) -> torch.Tensor:
     return torch.where((area > 0).unsqueeze(1), feats, torch.zeros_like(feats))
 
 
+def real_features(per_class: int, seed: int = 123) -> torch.Tensor:
+    """:func:`image_features` of ``per_class`` freshly drawn real images of every class
+    (fixed ``seed``): the reference set for :func:`frechet_distance`."""
+    labels = torch.arange(N_CLASSES).repeat(per_class)
+    return image_features(make_images(labels, generator=torch.Generator().manual_seed(seed)))
+
+
 def classify(images: torch.Tensor) -> torch.Tensor:
     """Analytic label read back from pixels: int64 [B], or -1 where no shape is found."""
     f = image_features(images)
