@@ -50,9 +50,12 @@ def main():
                     help="CLPS weight clip grid")
     ap.add_argument("--a-clips", type=float, nargs="+", default=[1.0, 0.9, 0.8],
                     help="CLPS activation clip grid")
+    ap.add_argument("--groups", nargs="+", default=["64", "128", "none"],
+                    help="scale modes: group sizes, 'none' = per token / per output channel")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "quality.md"))
     args = ap.parse_args()
+    groups = [None if g.lower() == "none" else int(g) for g in args.groups]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = clq_triton.CalibrationOptions(w_clip_grid=tuple(args.w_clips),
@@ -69,22 +72,25 @@ def main():
         return imgs, time.time() - t0
 
     fp_imgs, fp_time = evaluate(fp)
-    rows = [("FP", "-", accuracy(fp_imgs, labels), float("inf"),
+    rows = [("FP", "-", "-", accuracy(fp_imgs, labels), float("inf"),
              frechet_distance(image_features(fp_imgs), real), 0.0, fp_time)]
-    print(f"FP: {rows[0][2]}")
+    print(f"FP: {rows[0][3]}")
     for bits in args.bits:
-        for name in args.methods:
-            model = copy.deepcopy(fp)
-            t0 = time.time()
-            clq_triton.patch(model, bits=bits, calibration=data, progress=False,
-                             options=options, **VARIANTS[name])
-            calib_time = time.time() - t0
-            imgs, gen_time = evaluate(model)
-            row = (name, bits, accuracy(imgs, labels), psnr(imgs, fp_imgs),
-                   frechet_distance(image_features(imgs), real), calib_time, gen_time)
-            rows.append(row)
-            print(f"{bits} {name}: acc {row[2]['overall']:.3f} PSNR {row[3]:.2f} "
-                  f"FD {row[4]:.4f} ({calib_time:.0f}s calib)", flush=True)
+        for group in groups:
+            config = clq_triton.QuantConfig.from_bits(bits, group_size=group)
+            for name in args.methods:
+                model = copy.deepcopy(fp)
+                t0 = time.time()
+                clq_triton.patch(model, config, calibration=data, progress=False,
+                                 options=options, **VARIANTS[name])
+                calib_time = time.time() - t0
+                imgs, gen_time = evaluate(model)
+                mode = f"g{group}" if group else "per-channel"
+                row = (name, bits, mode, accuracy(imgs, labels), psnr(imgs, fp_imgs),
+                       frechet_distance(image_features(imgs), real), calib_time, gen_time)
+                rows.append(row)
+                print(f"{bits} {mode} {name}: acc {row[3]['overall']:.3f} PSNR {row[4]:.2f} "
+                      f"FD {row[5]:.4f} ({calib_time:.0f}s calib)", flush=True)
     write_table(args, rows, device, len(data))
 
 
@@ -99,16 +105,18 @@ def write_table(args, rows, device, n_calib):
         f"`{' '.join(['python bench/quality.py', *sys.argv[1:]])}`;",
         f"{N_CLASSES * args.per_class} images ({args.per_class} per class), DDIM {args.steps} "
         f"steps, guidance 2.0, same noise for every row; calibration: {n_calib} captured "
-        "sampler steps of 12 other classes and other noise. Group size 64, Hadamard block 64, "
+        "sampler steps of 12 other classes and other noise. Hadamard block 64; scale modes "
+        "(kernels.formats): gN = activation scale per token per N channels and two-level "
+        "4-bit weights, per-channel = one scale per token and per output channel; "
         f"CLPS grid w {args.w_clips} × a {args.a_clips}.",
         "",
-        "| bits | method | overall acc | shape | colour | position | PSNR vs FP (dB) | FD ↓ |"
-        " calib s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| bits | scales | method | overall acc | shape | colour | position | PSNR vs FP (dB) |"
+        " FD ↓ | calib s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, bits, acc, p, fd, ct, _ in rows:
+    for name, bits, mode, acc, p, fd, ct, _ in rows:
         ps = "∞" if p == float("inf") else f"{p:.2f}"
-        lines.append(f"| {bits} | {name} | {acc['overall']:.3f} | {acc['shape']:.3f} | "
+        lines.append(f"| {bits} | {mode} | {name} | {acc['overall']:.3f} | {acc['shape']:.3f} | "
                      f"{acc['colour']:.3f} | {acc['position']:.3f} | {ps} | {fd:.4f} | "
                      f"{ct:.0f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

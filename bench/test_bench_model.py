@@ -10,16 +10,23 @@ import clq_triton
 from clq_triton import QuantConfig, QuantLinear
 from bench_utils import CUDA, DEVICE, DTYPE, GEMM_SHAPES, run, shape_id
 
-LINEAR_SHAPES = GEMM_SHAPES[3:6] if CUDA else GEMM_SHAPES[:1]
+LINEAR_SHAPES = GEMM_SHAPES[:4] if CUDA else GEMM_SHAPES[:1]
+KINDS = ["nn.Linear", "w4a4", "w4a4-g128", "w4a4-g64", "w4a8", "w8a8"]
 
 
-@pytest.mark.parametrize("kind", ["nn.Linear", "w4a4", "w4a8", "w8a8"])
+def quant_layer(lin, kind):
+    """nn.Linear → QuantLinear for a kind like "w4a4" (per channel) or "w4a4-g128"."""
+    bits, _, group = kind.partition("-g")
+    return QuantLinear.from_linear(lin, QuantConfig.from_bits(
+        bits, group_size=int(group) if group else None, hadamard_block=128))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=shape_id)
 def test_linear(benchmark, info, shape, kind):
     m, k, n = shape
     lin = nn.Linear(k, n).to(DEVICE, DTYPE)
-    layer = lin if kind == "nn.Linear" else QuantLinear.from_linear(
-        lin, QuantConfig.from_bits(kind, hadamard_block=128))
+    layer = lin if kind == "nn.Linear" else quant_layer(lin, kind)
     x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
         t = run(benchmark, lambda: layer(x))
@@ -49,11 +56,13 @@ def _pixart():
     return model, inputs
 
 
-@pytest.mark.parametrize("kind", ["fp", "w4a4", "w8a8"])
+@pytest.mark.parametrize("kind", ["fp", "w4a4", "w4a4-g128", "w4a8", "w8a8"])
 def test_transformer_forward(benchmark, info, kind):
     model, inputs = _pixart()
     if kind != "fp":
-        clq_triton.patch(model, bits=kind, progress=False)
+        bits, _, group = kind.partition("-g")
+        clq_triton.patch(model, QuantConfig.from_bits(
+            bits, group_size=int(group) if group else None), progress=False)
     with torch.no_grad():
         run(benchmark, lambda: model(**inputs), rounds=5)
     info.update(model="PixArt-Σ-sized" if CUDA else "PixArt toy", kind=kind)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, replace
 
-from .kernels._runtime import check_bits
+from .kernels.formats import check_bit_pair, check_group_size
 from .kernels.hadamard import is_power_of_two
 
 
@@ -13,9 +13,10 @@ from .kernels.hadamard import is_power_of_two
 class QuantConfig:
     """How a Linear is quantized.
 
-    w_bits / a_bits: 4 or 8 (W4A4, W4A8, W8A8 …).
-    group_size: elements per scale along K, for weights (per output channel) and activations
-        (per token); one of 32, 64, 128, 256.
+    w_bits / a_bits: W4A4, W4A8 or W8A8.
+    group_size: 64, 128 or 256 elements per activation scale along K (per token), and per
+        integer group scale of 4-bit weights; None = one scale per token and per output
+        channel, the fastest mode (see kernels.formats).
     hadamard_block: block size B of the block-diagonal Hadamard rotation (power of two >= 16),
         or None for no rotation (plain RTN).
     w_clip / a_clip: clipping ratios in (0, 1] applied to each group's max before scaling.
@@ -23,16 +24,14 @@ class QuantConfig:
 
     w_bits: int = 4
     a_bits: int = 4
-    group_size: int = 64
+    group_size: int | None = 64
     hadamard_block: int | None = 64
     w_clip: float = 1.0
     a_clip: float = 1.0
 
     def __post_init__(self):
-        check_bits("w_bits", self.w_bits)
-        check_bits("a_bits", self.a_bits)
-        if self.group_size not in (32, 64, 128, 256):
-            raise ValueError(f"group_size must be one of 32, 64, 128, 256, got {self.group_size!r}")
+        check_bit_pair(self.w_bits, self.a_bits)
+        check_group_size(self.group_size)
         b = self.hadamard_block
         if b is not None and (not isinstance(b, int) or not is_power_of_two(b) or b < 16):
             raise ValueError(f"hadamard_block must be None or a power of two >= 16, got {b!r}")

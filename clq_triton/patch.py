@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .calibrate import CalibrationOptions, calibrate, set_submodule
 from .capture import CalibrationData
 from .config import QuantConfig
+from .kernels.formats import check_k
 from .quant_linear import QuantLinear
 
 log = logging.getLogger("clq_triton")
@@ -130,7 +131,7 @@ def patch(
     Default: "clq" when ``calibration`` is given, else "hadamard".
     cbc / obs / clps: CLQ ablation switches (shorthand for the same fields of ``options``).
     calibration: from :func:`clq_triton.capture_calibration` or CalibrationData.from_inputs.
-    Layers whose K is not a multiple of the group size stay in full precision with a log line,
+    Layers whose K is not a multiple of 64 and of the group size stay in full precision (log line),
     or raise ValueError when ``strict``. Returns a PatchReport.
     """
     if config is None:
@@ -148,8 +149,10 @@ def patch(
     todo = []
     for name, lin in eligible_linears(model, include, exclude, blocks_only):
         k = lin.in_features
-        if k % config.group_size:
-            reason = f"K={k} is not a multiple of group_size={config.group_size}"
+        try:
+            check_k(k, config.group_size)
+        except ValueError as e:
+            reason = str(e)
             if strict:
                 raise ValueError(f"{name}: {reason}")
             log.info("clq_triton: keeping %s in full precision: %s", name, reason)

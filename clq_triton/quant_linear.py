@@ -7,21 +7,29 @@ from torch import nn
 
 from .config import QuantConfig
 from .kernels._runtime import check_float
+from .kernels.formats import (
+    FORMAT_VERSION,
+    check_k,
+    code_dtype,
+    pack_codes,
+    stored_columns,
+    unpack_codes,
+)
 from .kernels.gemm import quant_matmul
 from .kernels.hadamard import check_block, check_perm, rotate_ref
-from .kernels.quantize import dequantize_ref, pack_int4_ref, quantize_ref, unpack_int4_ref
+from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
 from .kernels.rotate_quantize import rotate_quantize
-
-WEIGHT_SCALE_DTYPE = torch.float16
 
 
 class QuantLinear(nn.Module):
     """y = Q(x·D·G) · Q(W·D⁻¹·G)ᵀ + b with G = S·H (permutation then block Hadamard) and D an
     optional positive per-channel diagonal (SmoothQuant); D = I and S = I when absent.
 
-    Buffers:
-      qweight: 4 bits → uint8 [N, K/2] packed (low nibble = even column); 8 bits → int8 [N, K]
-      wscale:  float16 [N, K/group_size], per output channel per group
+    Buffers (format version 2, see kernels.formats):
+      qweight: 4 bits → uint8 [N, K/2] (split-halves packing); 8 bits → int8 [N, K]
+      wscale:  float32 [N], per output channel
+      wgroup:  uint8 [N, K/group_size], integer group scales of 4-bit weights with a group
+               size (two-level code), else None
       perm:    int32 [K] channel permutation S, or None
       channel_scale: float32 [K] diagonal of D, or None
       bias:    [N] in the source layer's dtype, or None
@@ -45,19 +53,19 @@ class QuantLinear(nn.Module):
         device=None,
     ):
         super().__init__()
-        if in_features % config.group_size:
-            raise ValueError(f"in_features={in_features} is not a multiple of "
-                             f"group_size={config.group_size}")
+        check_k(in_features, config.group_size, "in_features")
         check_block(config.hadamard_block, in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
-        packed_k = in_features // 2 if config.w_bits == 4 else in_features
-        qdtype = torch.uint8 if config.w_bits == 4 else torch.int8
-        self.register_buffer("qweight", torch.zeros(out_features, packed_k, dtype=qdtype,
-                                                    device=device))
-        self.register_buffer("wscale", torch.zeros(out_features, in_features // config.group_size,
-                                                   dtype=WEIGHT_SCALE_DTYPE, device=device))
+        self.register_buffer("qweight", torch.zeros(
+            out_features, stored_columns(config.w_bits, in_features),
+            dtype=code_dtype(config.w_bits), device=device))
+        self.register_buffer("wscale", torch.zeros(out_features, device=device))
+        two_level = config.w_bits == 4 and config.group_size is not None
+        self.register_buffer("wgroup", torch.ones(
+            out_features, in_features // config.group_size, dtype=torch.uint8, device=device)
+            if two_level else None)
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device)
                              if has_perm else None)
         self.register_buffer("channel_scale", torch.ones(in_features, device=device)
@@ -75,7 +83,7 @@ class QuantLinear(nn.Module):
         channel_scale: torch.Tensor | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear`` offline: W' = W·D⁻¹·S·H (float32 on the weight's device), then
-        per-channel per-group symmetric quantization with ``config.w_clip``.
+        symmetric quantization with ``config.w_clip`` (kernels.quantize.quantize_weight_ref).
 
         perm: int [K] permutation (see kernels.hadamard); channel_scale: positive float [K]."""
         if not isinstance(linear, nn.Linear):
@@ -99,10 +107,12 @@ class QuantLinear(nn.Module):
             q.channel_scale.copy_(cs)
             w = w / cs
         w_rot = rotate_ref(w, perm, config.hadamard_block)
-        codes, scales = quantize_ref(w_rot, config.group_size, config.w_bits, config.w_clip,
-                                     scale_dtype=WEIGHT_SCALE_DTYPE)
-        q.qweight.copy_(pack_int4_ref(codes) if config.w_bits == 4 else codes)
-        q.wscale.copy_(scales)
+        codes, scale, group_int = quantize_weight_ref(w_rot, config.group_size, config.w_bits,
+                                                      config.w_clip)
+        q.qweight.copy_(pack_codes(codes, config.w_bits))
+        q.wscale.copy_(scale)
+        if group_int is not None:
+            q.wgroup.copy_(group_int)
         if perm is not None:
             q.perm.copy_(perm.to(torch.int32))
         if b is not None:
@@ -122,27 +132,34 @@ class QuantLinear(nn.Module):
         xq, xs = rotate_quantize(x2, self.perm, cfg.hadamard_block, cfg.group_size, cfg.a_bits,
                                  cfg.a_clip, channel_scale=self.channel_scale,
                                  check_perm_values=False)  # checked in from_linear / on load
-        y = quant_matmul(xq, xs, self.qweight, self.wscale, self.bias, cfg.a_bits, cfg.w_bits,
-                         cfg.group_size, out_dtype=x.dtype)
+        y = quant_matmul(xq, xs, self.qweight, self.wscale, self.wgroup, self.bias, cfg.a_bits,
+                         cfg.w_bits, cfg.group_size, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ in the original basis, float32 [N, K]: Q(W·D⁻¹·G)·Gᵀ·D."""
-        codes = unpack_int4_ref(self.qweight) if self.config.w_bits == 4 else self.qweight
-        w_rot = dequantize_ref(codes, self.wscale, self.config.group_size)
+        w_rot = dequantize_weight_ref(unpack_codes(self.qweight, self.config.w_bits),
+                                      self.wscale, self.wgroup)
         w = rotate_ref(w_rot, self.perm, self.config.hadamard_block, inverse=True)
         return w * self.channel_scale if self.channel_scale is not None else w
 
     def weight_nbytes(self) -> int:
         """Bytes of the quantized weight: packed codes plus scales (bias excluded)."""
-        return self.qweight.numel() * self.qweight.element_size() + \
-            self.wscale.numel() * self.wscale.element_size()
+        return sum(t.numel() * t.element_size()
+                   for t in (self.qweight, self.wscale, self.wgroup) if t is not None)
 
     def get_extra_state(self) -> dict:
-        return {"config": self.config.to_dict(), "in_features": self.in_features,
-                "out_features": self.out_features}
+        return {"format": FORMAT_VERSION, "config": self.config.to_dict(),
+                "in_features": self.in_features, "out_features": self.out_features}
 
     def set_extra_state(self, state: dict) -> None:
+        version = state.get("format", 1)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"this QuantLinear state is weight format {version}; clq-triton "
+                f"{_package_version()} reads format {FORMAT_VERSION} only (format 1 used "
+                "interleaved nibbles and per-group fp16 weight scales): quantize the "
+                "full-precision model again")
         cfg = QuantConfig(**state["config"])
         if (state["in_features"], state["out_features"]) != (self.in_features, self.out_features) \
                 or cfg.w_bits != self.config.w_bits or cfg.group_size != self.config.group_size:
@@ -158,6 +175,12 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, {c.name}, group_size={c.group_size}, "
                 f"hadamard_block={c.hadamard_block}, perm={self.perm is not None}, "
                 f"channel_scale={self.channel_scale is not None}")
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _check_loaded_perm(module: QuantLinear, incompatible_keys) -> None:

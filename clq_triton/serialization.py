@@ -2,9 +2,10 @@
 
 Directory layout:
   model.safetensors   the whole state dict (QuantLinear buffers and the full-precision rest)
-  clq_config.json     {"format": 1, "model_class": ..., "model_config": {...} or null,
-                       "layers": {name: {"config": QuantConfig fields, "in_features", "out_features",
-                                         "bias", "bias_dtype", "perm", "channel_scale"}}}
+  clq_config.json     {"format": 2, "model_class": ..., "model_config": {...} or null,
+                       "layers": {name: {"config": QuantConfig fields, "in_features",
+                                         "out_features", "bias", "bias_dtype", "perm",
+                                         "channel_scale"}}}
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from torch import nn
 
 from .calibrate import set_submodule
 from .config import QuantConfig
+from .kernels.formats import FORMAT_VERSION
 from .quant_linear import QuantLinear
 
-FORMAT = 1
+FORMAT = FORMAT_VERSION  # the weight layout (kernels.formats) is what the version tracks
 WEIGHTS = "model.safetensors"
 CONFIG = "clq_config.json"
 
@@ -60,7 +62,10 @@ def load_quantized(model_or_class, directory: str) -> nn.Module:
     with open(os.path.join(directory, CONFIG)) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"unsupported clq checkpoint format {meta.get('format')!r}")
+        raise ValueError(
+            f"{os.path.join(directory, CONFIG)}: clq checkpoint format {meta.get('format')!r}, "
+            f"this clq-triton reads format {FORMAT} only (format 1 used interleaved nibbles and "
+            "per-group fp16 weight scales); quantize the full-precision model again")
     if isinstance(model_or_class, type):
         if meta["model_config"] is None or not hasattr(model_or_class, "from_config"):
             raise TypeError("pass a model instance: this checkpoint or class has no config")

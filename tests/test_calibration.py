@@ -1,7 +1,7 @@
 """CLQ calibration (CBC, OBS, CLPS), baselines and save/load, on small diffusers models.
 
 Calibration replays models many times, so these tests use the PyTorch reference kernels
-(CLQ_BACKEND=torch); the Triton kernels themselves are tested in the kernel test files.
+(backend "torch"); the Triton kernels themselves are tested in the kernel test files.
 """
 
 import copy
@@ -21,8 +21,9 @@ from toy_models import dit_pipeline, planted_dit, sample
 
 
 @pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("CLQ_BACKEND", "torch")
+def torch_backend():
+    with clq_triton.backend("torch"):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +243,19 @@ def test_load_into_mismatched_model_is_clear(pipe_and_data, tmp_path, gen):
         clq_triton.load_quantized(planted_dit(0, layers=1), str(tmp_path))
     with pytest.raises(ValueError, match="no QuantLinear"):
         clq_triton.save_quantized(planted_dit(0, layers=1), str(tmp_path))
+
+
+def test_load_of_a_format_1_checkpoint_is_refused_clearly(pipe_and_data, tmp_path):
+    import json
+
+    model = copy.deepcopy(pipe_and_data[0].transformer)
+    clq_triton.patch(model, bits="w4a4", progress=False)
+    clq_triton.save_quantized(model, str(tmp_path))
+    meta = json.loads((tmp_path / "clq_config.json").read_text())
+    meta["format"] = 1
+    (tmp_path / "clq_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="clq_config.json: clq checkpoint format 1.*again"):
+        clq_triton.load_quantized(type(model), str(tmp_path))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -1,92 +1,124 @@
 import pytest
 import torch
 
+from clq_triton.kernels._runtime import backend
+from clq_triton.kernels.formats import pack_int4_ref
 from clq_triton.kernels.gemm import quant_matmul
-from clq_triton.kernels.quantize import pack_int4_ref
 from helpers import TOL, dequant64
 
-COMBOS = [(4, 4), (8, 4), (8, 8), (4, 8)]  # (a_bits, w_bits)
+PAIRS = [(4, 4), (4, 8), (8, 8)]  # (w_bits, a_bits)
+GROUPS = [None, 64, 128, 256]
 
 
-def _operands(m, n, k, a_bits, w_bits, gen):
+def _operands(m, n, k, w_bits, a_bits, group, gen):
+    """Random codes (natural order, int8), their stored forms and integer group scales."""
     qa, qw = (7 if a_bits == 4 else 127), (7 if w_bits == 4 else 127)
     a = torch.randint(-qa, qa + 1, (m, k), generator=gen, dtype=torch.int8)
     b = torch.randint(-qw, qw + 1, (n, k), generator=gen, dtype=torch.int8)
     xq = pack_int4_ref(a) if a_bits == 4 else a
     wq = pack_int4_ref(b) if w_bits == 4 else b
-    return a, b, xq, wq
+    wz = None
+    if w_bits == 4 and group is not None:
+        wz = torch.randint(1, 17, (n, k // group), generator=gen, dtype=torch.uint8)
+    return a, b, xq, wq, wz
 
 
-@pytest.mark.parametrize("a_bits, w_bits", COMBOS)
-@pytest.mark.parametrize("m, n, k, group", [(1, 48, 64, 32), (17, 64, 256, 64),
-                                             (3, 33, 256, 256), (100, 96, 128, 128)])
-def test_gemm_integer_sums_exact(kernel_device, a_bits, w_bits, m, n, k, group, gen):
+def _weights64(b, wz, ws):
+    """float64 dequantized weights: codes · z (per group) · ws (per channel)."""
+    w = b.double()
+    if wz is not None:
+        w = dequant64(b, wz.double())
+    return w * ws.double()[:, None]
+
+
+def _on(dev, *ts):
+    return [t.to(dev) if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("w_bits, a_bits", PAIRS)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("m, n, k", [(1, 48, 256), (17, 64, 512), (3, 33, 256), (100, 96, 768)])
+def test_gemm_integer_sums_exact(kernel_device, w_bits, a_bits, group, m, n, k, gen):
     """With unit / power-of-two scales the fp32 result must equal the exact integer product."""
-    a, b, xq, wq = _operands(m, n, k, a_bits, w_bits, gen)
-    xs = torch.ones(m, k // group)
-    ws = torch.full((n, k // group), 0.25, dtype=torch.float16)
+    if group and k % group:
+        pytest.skip("K not a multiple of the group")
+    a, b, xq, wq, wz = _operands(m, n, k, w_bits, a_bits, group, gen)
+    xs = torch.ones(m, k // group if group else 1)
+    ws = torch.full((n,), 0.25)
     out = torch.full((m, n), float("nan"), device=kernel_device)
-    y = quant_matmul(xq.to(kernel_device), xs.to(kernel_device), wq.to(kernel_device),
-                     ws.to(kernel_device), None, a_bits, w_bits, group, torch.float32, out=out)
+    y = quant_matmul(*_on(kernel_device, xq, xs, wq, ws, wz), None, a_bits, w_bits, group,
+                     torch.float32, out=out)
     assert y.data_ptr() == out.data_ptr()
-    exact = (a.long() @ b.long().T).double() * 0.25
-    assert torch.equal(y.cpu().double(), exact)
+    exact = a.long() @ (_weights64(b, wz, torch.ones(n)).long()).T
+    assert torch.equal(y.cpu().double(), exact.double() * 0.25)
 
 
-@pytest.mark.parametrize("a_bits, w_bits", COMBOS)
+@pytest.mark.parametrize("w_bits, a_bits", PAIRS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 17, 1000])
-def test_gemm_scaled_matches_float64(kernel_device, a_bits, w_bits, out_dtype, m, gen):
-    n, k, group = 40, 128, 64
-    a, b, xq, wq = _operands(m, n, k, a_bits, w_bits, gen)
-    xs = torch.rand(m, k // group, generator=gen) + 0.01
-    ws = (torch.rand(n, k // group, generator=gen) * 0.1).to(torch.float16)
+@pytest.mark.parametrize("group", GROUPS)
+def test_gemm_scaled_matches_float64(kernel_device, w_bits, a_bits, out_dtype, group, gen):
+    m, n, k = 37, 40, 512
+    a, b, xq, wq, wz = _operands(m, n, k, w_bits, a_bits, group, gen)
+    xs = torch.rand(m, k // group if group else 1, generator=gen) + 0.01
+    ws = torch.rand(n, generator=gen) * 0.1
     bias = torch.randn(n, generator=gen).to(out_dtype)
-    dev = kernel_device
-    y = quant_matmul(xq.to(dev), xs.to(dev), wq.to(dev), ws.to(dev), bias.to(dev), a_bits, w_bits,
-                     group, out_dtype)
+    y = quant_matmul(*_on(kernel_device, xq, xs, wq, ws, wz, bias), a_bits, w_bits, group,
+                     out_dtype)
     assert y.dtype == out_dtype and y.shape == (m, n)
-    expect = dequant64(a, xs, group) @ dequant64(b, ws, group).T + bias.double()
+    expect = dequant64(a, xs) @ _weights64(b, wz, ws).T + bias.double()
     scale = expect.abs().max().item()
     torch.testing.assert_close(y.cpu().double(), expect, rtol=TOL[out_dtype],
                                atol=TOL[out_dtype] * scale)
 
 
-def test_gemm_nan_scale_poisons_only_its_row(kernel_device, gen):
-    a, b, xq, wq = _operands(4, 32, 64, 4, 4, gen)
-    xs = torch.ones(4, 2)
-    xs[2, 1] = float("nan")
-    ws = torch.ones(32, 2, dtype=torch.float16)
-    dev = kernel_device
-    y = quant_matmul(xq.to(dev), xs.to(dev), wq.to(dev), ws.to(dev), None, 4, 4, 32,
+@pytest.mark.parametrize("group", [None, 64])
+def test_gemm_nan_scale_poisons_only_its_row(kernel_device, group, gen):
+    a, b, xq, wq, wz = _operands(4, 32, 128, 4, 4, group, gen)
+    xs = torch.ones(4, 2 if group else 1)
+    xs[2, -1] = float("nan")
+    y = quant_matmul(*_on(kernel_device, xq, xs, wq, torch.ones(32), wz), None, 4, 4, group,
                      torch.float32).cpu()
     assert torch.isnan(y[2]).all()
     assert torch.isfinite(y[[0, 1, 3]]).all()
 
 
-def test_gemm_reference_backend_agrees(kernel_device, monkeypatch, gen):
-    a, b, xq, wq = _operands(9, 24, 128, 4, 4, gen)
-    xs, ws = torch.rand(9, 2, generator=gen), torch.rand(24, 2, generator=gen).half()
-    dev = kernel_device
-    yk = quant_matmul(xq.to(dev), xs.to(dev), wq.to(dev), ws.to(dev), None, 4, 4, 64,
-                      torch.float32)
-    monkeypatch.setenv("CLQ_BACKEND", "torch")
-    yr = quant_matmul(xq, xs, wq, ws, None, 4, 4, 64, torch.float32)
-    torch.testing.assert_close(yk.cpu(), yr, rtol=1e-5, atol=1e-4)  # fp32 dequantized matmul
+@pytest.mark.parametrize("group", [None, 128])
+def test_gemm_reference_backend_agrees(kernel_device, group, gen):
+    a, b, xq, wq, wz = _operands(9, 24, 256, 4, 4, group, gen)
+    xs, ws = torch.rand(9, 2 if group else 1, generator=gen), torch.rand(24, generator=gen)
+    yk = quant_matmul(*_on(kernel_device, xq, xs, wq, ws, wz), None, 4, 4, group, torch.float32)
+    with backend("torch"):
+        yr = quant_matmul(xq, xs, wq, ws, wz, None, 4, 4, group, torch.float32)
+    # the reference is one fp32 matmul of dequantized operands: fp32 rounding apart
+    torch.testing.assert_close(yk.cpu(), yr, rtol=1e-5, atol=1e-5 * yr.abs().max().item())
+
+
+def test_gemm_unaligned_views(kernel_device, gen):
+    """Odd views (unaligned data pointers, strided rows) give the same result (the launcher
+    copies them to keep the kernel's alignment contract)."""
+    a, b, xq, wq, wz = _operands(6, 40, 256, 4, 4, 64, gen)
+    xs, ws = torch.rand(6, 4, generator=gen), torch.rand(40, generator=gen)
+    big = torch.zeros(6, 128 + 3, dtype=torch.uint8)
+    big[:, 3:] = xq
+    bias = torch.randn(41, generator=gen)[1:]
+    args = _on(kernel_device, big[:, 3:], xs, wq, ws, wz, bias)
+    y = quant_matmul(*args, 4, 4, 64, torch.float32)
+    expect = dequant64(a, xs) @ _weights64(b, wz, ws).T + bias.double()
+    torch.testing.assert_close(y.cpu().double(), expect, rtol=1e-5, atol=1e-4)
 
 
 def test_gemm_empty_m(kernel_device):
     xq = torch.empty(0, 32, dtype=torch.uint8, device=kernel_device)
     wq = torch.zeros(8, 32, dtype=torch.uint8, device=kernel_device)
     y = quant_matmul(xq, torch.empty(0, 1, device=kernel_device), wq,
-                     torch.ones(8, 1, dtype=torch.float16, device=kernel_device), None, 4, 4, 64)
+                     torch.ones(8, device=kernel_device), None, None, 4, 4, None)
     assert y.shape == (0, 8)
 
 
 def _args(**over):
     args = dict(xq=torch.zeros(4, 32, dtype=torch.uint8), xs=torch.ones(4, 1),
-                wq=torch.zeros(8, 32, dtype=torch.uint8), ws=torch.ones(8, 1, dtype=torch.float16),
-                bias=None, a_bits=4, w_bits=4, group_size=64)
+                wq=torch.zeros(8, 32, dtype=torch.uint8), ws=torch.ones(8), wz=None,
+                bias=None, a_bits=4, w_bits=4, group_size=None)
     args.update(over)
     return args
 
@@ -95,11 +127,16 @@ def _args(**over):
     "over, err, match",
     [
         (dict(xq=torch.zeros(4, 32, dtype=torch.int8)), TypeError, "xq must be torch.uint8"),
-        (dict(wq=torch.zeros(8, 16, dtype=torch.uint8)), ValueError, "K=64 but weights have K=32"),
-        (dict(xs=torch.ones(4, 2)), ValueError, "scales must be"),
+        (dict(wq=torch.zeros(8, 64, dtype=torch.uint8)), ValueError, "K=64 but weights have K=128"),
+        (dict(xs=torch.ones(4, 2)), ValueError, "xs must have shape"),
         (dict(xs=torch.ones(4, 1, dtype=torch.float16)), TypeError, "xs must be torch.float32"),
+        (dict(ws=torch.ones(8, 1)), ValueError, "ws must have shape"),
         (dict(group_size=48), ValueError, "group_size must be"),
+        (dict(group_size=64, xs=torch.ones(4, 1)), ValueError, "need wz"),
+        (dict(wz=torch.ones(8, 1, dtype=torch.uint8)), ValueError, "wz exists only"),
         (dict(a_bits=2), ValueError, "a_bits must be 4 or 8"),
+        (dict(a_bits=4, w_bits=8, wq=torch.zeros(8, 64, dtype=torch.int8)), ValueError,
+         "w8a4 is not supported"),
         (dict(bias=torch.zeros(7)), ValueError, "bias must have 8"),
         (dict(bias=torch.zeros(8, device="meta")), ValueError, "one device"),
     ],

@@ -20,7 +20,7 @@ def test_patch_diffusers_transformer_runs(name, device, gen):
         got = output(model, inputs)
     print(f"{name}: {report}")
     assert report.quantized and not report.skipped
-    assert report.weight_ratio <= 0.27
+    assert report.weight_ratio <= 0.29  # K = 64 here: 4-byte channel scales weigh 3 %
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert quantized == set(report.quantized)
     # adaLN modulation, embedders and the final projection stay in full precision
@@ -47,7 +47,7 @@ def test_patch_skips_bad_k_with_log_and_strict_raises(caplog):
     with caplog.at_level(logging.INFO, logger="clq_triton"):
         report = clq_triton.patch(model, QuantConfig(group_size=64), progress=False)
     assert report.quantized == ["blocks.0.0", "blocks.0.2"]
-    assert "blocks.0.3" in report.skipped and "multiple of group_size" in caplog.text
+    assert "blocks.0.3" in report.skipped and "K=48 is not a positive multiple of 64" in caplog.text
     assert type(model.embed) is nn.Linear  # outside the block list
     with pytest.raises(ValueError, match="blocks.0.3: K=48"):
         clq_triton.patch(_Toy(), QuantConfig(group_size=64), strict=True, progress=False)
@@ -55,10 +55,10 @@ def test_patch_skips_bad_k_with_log_and_strict_raises(caplog):
 
 def test_patch_shrinks_hadamard_block_to_divide_k():
     model = _Toy()
-    clq_triton.patch(model, QuantConfig(group_size=32, hadamard_block=256), progress=False)
+    clq_triton.patch(model, QuantConfig(group_size=None, hadamard_block=256), progress=False)
     assert model.blocks[0][0].config.hadamard_block == 64
     assert model.blocks[0][2].config.hadamard_block == 128
-    assert type(model.blocks[0][3]) is nn.Linear  # K=48 fits no group of 32
+    assert type(model.blocks[0][3]) is nn.Linear  # K=48 is not a multiple of 64
 
 
 def test_patch_include_and_bits_conflict():

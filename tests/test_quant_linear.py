@@ -30,16 +30,18 @@ def rel_err(y, ref):
 ERROR_BOUNDS = {"w8a8": 0.02, "w4a8": 0.15, "w4a4": 0.25}
 
 
+@pytest.mark.parametrize("group", [64, 128, None])
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])
-def test_end_to_end_error_vs_fp_layer(device, bits, gen):
+def test_end_to_end_error_vs_fp_layer(device, bits, group, gen):
     k, n = 256, 96
     lin = _linear(k, n, gen)
     x = _activations(33, k, gen)
     ref = x.double() @ lin.weight.double().T + lin.bias.double()
-    q = QuantLinear.from_linear(lin, QuantConfig.from_bits(bits, hadamard_block=64)).to(device)
+    cfg = QuantConfig.from_bits(bits, group_size=group, hadamard_block=64)
+    q = QuantLinear.from_linear(lin, cfg).to(device)
     err = rel_err(q(x.to(device)).cpu(), ref)
-    print(f"{bits} g64 H64 relative error vs FP: {err:.4f}")
-    assert err < ERROR_BOUNDS[bits]
+    print(f"{bits} g{group} H64 relative error vs FP: {err:.4f}")
+    assert err < ERROR_BOUNDS[bits] * (1.3 if group is None else 1.0)
 
 
 def test_hadamard_lowers_w4a4_error_on_outliers(device, gen):
@@ -81,7 +83,7 @@ def test_forward_matches_explicit_dequantized_math(device, dtype, gen):
 def test_dequantized_weight_close_and_memory_ratio(gen):
     k, n = 1152, 128
     lin = _linear(k, n, gen)
-    for group, bound in ((64, 0.27), (128, 0.26)):
+    for group, bound in ((64, 0.262), (128, 0.256), (None, 0.252)):
         q = QuantLinear.from_linear(lin, QuantConfig(group_size=group, hadamard_block=128))
         ratio = q.weight_nbytes() / (n * k * 2)
         print(f"W4 g{group}: weight bytes {q.weight_nbytes()} = {ratio:.4f}× bf16")
@@ -91,10 +93,10 @@ def test_dequantized_weight_close_and_memory_ratio(gen):
 
 def test_state_dict_roundtrip(device, gen):
     lin = _linear(128, 48, gen)
-    cfg = QuantConfig(w_bits=4, a_bits=8, group_size=32, hadamard_block=128, a_clip=0.9)
+    cfg = QuantConfig(w_bits=4, a_bits=8, group_size=64, hadamard_block=128, a_clip=0.9)
     q = QuantLinear.from_linear(lin, cfg, perm=torch.randperm(128, generator=gen)).to(device)
     sd = q.state_dict()
-    fresh = QuantLinear(128, 48, config=QuantConfig(w_bits=4, group_size=32, hadamard_block=128),
+    fresh = QuantLinear(128, 48, config=QuantConfig(w_bits=4, group_size=64, hadamard_block=128),
                         has_perm=True).to(device)
     fresh.load_state_dict(sd)
     assert fresh.config == cfg
@@ -104,9 +106,21 @@ def test_state_dict_roundtrip(device, gen):
 
 def test_state_dict_mismatch_is_clear(gen):
     q = QuantLinear.from_linear(_linear(128, 48, gen), QuantConfig())
-    other = QuantLinear(128, 48, config=QuantConfig(w_bits=8))
-    with pytest.raises((ValueError, RuntimeError), match="size mismatch|w8a4|w4a4"):
+    other = QuantLinear(128, 48, config=QuantConfig(w_bits=8, a_bits=8))
+    with pytest.raises((ValueError, RuntimeError), match="size mismatch|w8a8|w4a4"):
         other.load_state_dict(q.state_dict())
+
+
+def test_format_1_state_is_refused_clearly(gen):
+    """A layer saved by clq-triton 0.1 (interleaved nibbles, fp16 group scales) must not load
+    as garbage."""
+    q = QuantLinear.from_linear(_linear(128, 48, gen), QuantConfig())
+    sd = q.state_dict()
+    old = dict(sd["_extra_state"])
+    del old["format"]
+    sd["_extra_state"] = old
+    with pytest.raises(ValueError, match="weight format 1.*quantize the full-precision model"):
+        QuantLinear(128, 48).load_state_dict(sd)
 
 
 def test_perm_checked_on_load_not_per_forward(monkeypatch, gen):
@@ -160,7 +174,9 @@ def test_errors(gen):
     with pytest.raises(ValueError, match="x is on meta"):
         q(torch.randn(2, 64, device="meta"))
     with pytest.raises(ValueError, match="not a multiple of group_size"):
-        QuantLinear.from_linear(_linear(96, 8, gen), QuantConfig(group_size=64))
+        QuantLinear.from_linear(_linear(192, 8, gen), QuantConfig(group_size=128))
+    with pytest.raises(ValueError, match="not a positive multiple of 64"):
+        QuantLinear.from_linear(_linear(96, 8, gen), QuantConfig(group_size=None))
     with pytest.raises(ValueError, match="Hadamard block"):
         QuantLinear.from_linear(_linear(64, 8, gen), QuantConfig(hadamard_block=128))
     bad = _linear(64, 8, gen)
@@ -172,9 +188,10 @@ def test_errors(gen):
         QuantLinear.from_linear(nn.Conv1d(4, 4, 1), QuantConfig())
 
 
-@pytest.mark.parametrize("kw, match", [(dict(w_bits=3), "w_bits"), (dict(group_size=100),
-                                        "group_size"), (dict(hadamard_block=24), "hadamard"),
-                                       (dict(a_clip=0.0), "a_clip")])
+@pytest.mark.parametrize("kw, match", [
+    (dict(w_bits=3), "w_bits"), (dict(w_bits=8, a_bits=4), "w8a4"),
+    (dict(group_size=32), "group_size"), (dict(group_size=100), "group_size"),
+    (dict(hadamard_block=24), "hadamard"), (dict(a_clip=0.0), "a_clip")])
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**kw)

@@ -45,9 +45,12 @@ def test_train_script_and_quality_table_run(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quality.py"),
                           "--weights", str(tmp_path), "--bits", "w4a4", "--methods", "RTN", "CLQ",
                           "--per-class", "1", "--steps", "2", "--calib-samples", "1",
-                          "--w-clips", "1.0", "0.9", "--a-clips", "1.0", "--out", str(table)],
+                          "--w-clips", "1.0", "0.9", "--a-clips", "1.0", "--groups", "64", "none",
+                          "--out", str(table)],
                          capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, CLQ_BACKEND="torch"))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [ln for ln in table.read_text().splitlines() if ln.startswith("| ")]
-    assert [r.split("|")[2].strip() for r in rows[1:]] == ["FP", "RTN", "CLQ"]
+    assert [(r.split("|")[2].strip(), r.split("|")[3].strip()) for r in rows[1:]] == [
+        ("-", "FP"), ("g64", "RTN"), ("g64", "CLQ"), ("per-channel", "RTN"),
+        ("per-channel", "CLQ")]

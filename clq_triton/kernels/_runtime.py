@@ -2,34 +2,68 @@
 
 A launcher runs its Triton kernel when the tensor lives on CUDA, or on CPU when the Triton
 interpreter is on (``TRITON_INTERPRET=1``, used by the test suite). Otherwise it runs the
-plain-PyTorch reference beside the kernel. ``CLQ_BACKEND=torch`` forces the reference
-everywhere; ``CLQ_BACKEND=triton`` forces the kernel (and fails loudly where it cannot run).
+plain-PyTorch reference beside the kernel. The backend can be forced: ``"torch"`` runs the
+reference everywhere, ``"triton"`` the kernel (failing loudly where it cannot run).
+
+The environment is read once, at import (``CLQ_BACKEND``, ``TRITON_INTERPRET``); change the
+choice later with :func:`set_backend` or the :func:`backend` context manager. Nothing on the
+hot path reads the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("auto", "torch", "triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _checked(choice: str) -> str:
+    choice = str(choice).lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+_backend = _checked(os.environ.get("CLQ_BACKEND", "auto"))
 
 
 def interpreter_on() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return INTERPRET
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def set_backend(choice: str) -> None:
+    """"auto" (default), "torch" (references everywhere) or "triton" (kernels everywhere)."""
+    global _backend
+    _backend = _checked(choice)
+
+
+@contextlib.contextmanager
+def backend(choice: str):
+    """``with backend("torch"): ...`` runs the block with that backend, then restores it."""
+    before = _backend
+    set_backend(choice)
+    try:
+        yield
+    finally:
+        set_backend(before)
 
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the launcher for tensor ``t`` should run the Triton kernel."""
-    choice = os.environ.get("CLQ_BACKEND", "auto").lower()
-    if choice == "torch":
-        return False
-    if choice == "triton":
-        return True
-    if choice != "auto":
-        raise ValueError(f"CLQ_BACKEND must be 'auto', 'torch' or 'triton', got {choice!r}")
-    return t.is_cuda or (t.device.type == "cpu" and interpreter_on())
+    if _backend == "auto":
+        return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+    return _backend == "triton"
 
 
 def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
@@ -42,9 +76,12 @@ def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-def check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    """Raise TypeError on a wrong dtype, ValueError on a wrong shape."""
     if t.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
@@ -56,14 +93,23 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"tensors must be on one device: {where}")
 
 
-def check_bits(name: str, bits: int) -> None:
-    if bits not in (4, 8):
-        raise ValueError(f"{name} must be 4 or 8, got {bits!r}")
+def check_out(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device) -> None:
+    """A preallocated output must match exactly and be contiguous."""
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(f"{name} must be {dtype} {tuple(shape)} on {device}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if not t.is_contiguous() or t.data_ptr() % 16:
+        raise ValueError(f"{name} must be contiguous and 16-byte aligned")
 
 
-def check_group(group_size: int, k: int, what: str = "K") -> None:
-    """Group sizes are powers of two in [32, 256]; ``k`` must be a multiple of the group."""
-    if group_size not in (32, 64, 128, 256):
-        raise ValueError(f"group_size must be one of 32, 64, 128, 256, got {group_size!r}")
-    if k % group_size != 0:
-        raise ValueError(f"{what}={k} is not a multiple of group_size={group_size}")
+def aligned(t: torch.Tensor | None, rows: bool = False) -> torch.Tensor | None:
+    """``t`` itself when its data pointer is a multiple of 16 bytes, its last dim contiguous
+    and (``rows``) its row stride a multiple of 16 — the kernels' specialization contract, which
+    lets loads vectorize — else an aligned contiguous copy (None stays None)."""
+    if t is None:
+        return None
+    if t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and not (rows and t.stride(0) % 16):
+        return t
+    c = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+    assert c.data_ptr() % 16 == 0, "torch allocations are 16-byte aligned"
+    return c

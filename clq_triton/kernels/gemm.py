@@ -1,16 +1,22 @@
-"""Quantized GEMM: y = dequant(xq) · dequant(wq)ᵀ + bias, computed as int dots per K-group.
+"""Quantized GEMM: y = dequant(xq) · dequant(wq)ᵀ + bias with int8 tensor-core dots.
 
-Operands (K = reduction dim, G = group size):
-- activations xq: 4 bits → uint8 [M, K/2] packed (low nibble = even column); 8 bits → int8 [M, K]
-- xs: float32 [M, K/G], one scale per token per group
-- weights wq: 4 bits → uint8 [N, K/2] packed the same way; 8 bits → int8 [N, K]
-- ws: float16/bfloat16/float32 [N, K/G], one scale per output channel per group
+Operands (K = reduction dim; layouts and scale modes: :mod:`clq_triton.kernels.formats`):
+- xq: activations, 4 bits → uint8 [M, K/2] (split-halves packing), 8 bits → int8 [M, K]
+- xs: float32 [M, n_groups] (n_groups = K/G, or 1 per token when group_size is None)
+- wq: weights [N, K/2] / [N, K], the same layouts
+- ws: float32 [N], one scale per output channel
+- wz: uint8 [N, K/G], the integer group scales of 4-bit two-level weights (4-bit weights with a
+  group size only; None otherwise)
 - bias: optional [N], any float dtype
 Result y: [M, N] in ``out_dtype`` (fp16/bf16/fp32).
 
-The kernel unpacks nibbles to int8 in registers (Hopper/Ampere tensor cores have int8, not
-int4, dots), accumulates each group's int8×int8 dot in int32 — exact — and rescales once per
-group: ``acc += dot_g · xs[:, g] · ws[:, g]`` in fp32.
+Kernel: a loaded K step of BK columns is unpacked with shifts into low and high halves
+(``(b << 4) >> 4``, ``b >> 4``); 4-bit weights with group scales are multiplied by their
+integer z (``|code·z| ≤ 112`` fits int8); ``dot(a_lo, b_lo) + dot(a_hi, b_hi)`` accumulates
+exactly in int32. Per channel, one int32 accumulator runs over all of K and the float
+rescale ``xs·ws`` happens once in the epilogue. Per group (BK = G), each K step's int32 sum is
+scaled by the token's group scale into an fp32 accumulator: one multiply-add per output per
+group; the weight's float scale stays in the epilogue.
 """
 
 from __future__ import annotations
@@ -19,59 +25,58 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from ._runtime import (
     FLOAT_DTYPES,
-    check_bits,
-    check_dtype,
+    aligned,
     check_float,
-    check_group,
+    check_out,
     check_same_device,
+    check_tensor,
     interpreter_on,
     use_triton,
 )
-from .quantize import unpack_int4_ref
-
-
-def _configs():
-    if interpreter_on():  # the CPU interpreter: one small tile, nothing to tune
-        return [triton.Config({"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4)]
-    out = []
-    for bm, bn, warps in ((128, 128, 8), (128, 256, 8), (64, 128, 4), (128, 64, 4), (64, 64, 4)):
-        for bk in (32, 64, 128):
-            for stages in (3, 4):
-                out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8},
-                                         num_warps=warps, num_stages=stages))
-    return out
-
-
-def _prune(configs, named_args, **kwargs):
-    group = kwargs.get("GROUP", named_args.get("GROUP"))
-    kept = [c for c in configs if group % c.kwargs["BK"] == 0]
-    return kept or configs[:1]
+from .formats import (
+    BIT_PAIRS,
+    GROUP_SIZES,
+    check_bit_pair,
+    check_k,
+    code_dtype,
+    logical_columns,
+    n_groups,
+    unpack_codes,
+)
+from .quantize import dequantize_ref, dequantize_weight_ref
 
 
 @triton.jit
-def _load_codes(ptr, rows, stride, k0, BR: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr):
-    """Load a [BR, BK] tile of int8 codes starting at column k0 (unpacking int4 nibbles)."""
+def _load_halves(ptr, rows, stride, k0, BK: tl.constexpr, BITS: tl.constexpr):
+    """int8 [R, BK/2] × 2: the low- and high-nibble columns of K step [k0, k0 + BK)."""
+    HALF: tl.constexpr = BK // 2
+    j = tl.arange(0, HALF)
+    base = ptr + rows[:, None].to(tl.int64) * stride
     if BITS == 4:
-        cols = k0 // 2 + tl.arange(0, BK // 2)
-        raw = tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :]).to(tl.int32)
-        lo = (raw << 28) >> 28  # arithmetic shifts sign-extend the nibble
-        hi = (raw << 24) >> 28
-        return tl.reshape(tl.join(lo, hi), (BR, BK)).to(tl.int8)
+        raw = tl.load(base + (k0 // 2 + j)[None, :])  # int8 view of the packed bytes
+        return (raw << 4) >> 4, raw >> 4  # arithmetic shifts sign-extend each nibble
     else:
-        cols = k0 + tl.arange(0, BK)
-        return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :])
+        lo = k0 + (j // 32) * 64 + (j % 32)
+        return tl.load(base + lo[None, :]), tl.load(base + (lo + 32)[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "GROUP", "A_BITS", "W_BITS"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+# Specialization contract (what the compile tests compile): the launcher guarantees that the
+# pointers and the ALIGNED integers are multiples of 16 (Triton's "divisibility" attribute, which
+# lets loads vectorize); the NO_SPECIALIZE integers vary with the shape and are never
+# specialized (neither on divisibility nor on the value 1).
+ALIGNED = ("a_ptr", "as_ptr", "b_ptr", "bz_ptr", "bs_ptr", "bias_ptr", "c_ptr", "K",
+           "stride_am", "stride_bn")
+NO_SPECIALIZE = ("M", "N", "stride_asm", "stride_bzn", "stride_cm")
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _quant_matmul_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr,
-    M, N, K, M_BUCKET,
-    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-    A_BITS: tl.constexpr, W_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    a_ptr, as_ptr, b_ptr, bz_ptr, bs_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_am, stride_asm, stride_bn, stride_bzn, stride_cm, has_bias,
+    A_BITS: tl.constexpr, W_BITS: tl.constexpr, GROUP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order so that neighbouring programs share weight tiles in L2.
@@ -88,41 +93,116 @@ def _quant_matmul_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     rm_in = rm % M  # wrapped rows/cols load valid memory; the store is masked
     rn_in = rn % N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for g in range(0, K // GROUP):
-        dot = tl.zeros((BM, BN), dtype=tl.int32)
-        for kk in range(0, GROUP // BK):
-            k0 = g * GROUP + kk * BK
-            a = _load_codes(a_ptr, rm_in, stride_am, k0, BM, BK, A_BITS)
-            b = _load_codes(b_ptr, rn_in, stride_bn, k0, BN, BK, W_BITS)
-            dot = tl.dot(a, tl.trans(b), dot)
-        xs = tl.load(as_ptr + rm_in.to(tl.int64) * stride_asm + g)
-        ws = tl.load(bs_ptr + rn_in.to(tl.int64) * stride_bsn + g).to(tl.float32)
-        acc += dot.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
+    if GROUP == 0:
+        acc_i = tl.zeros((BM, BN), dtype=tl.int32)
+        for k0 in range(0, K, BK):
+            if A_BITS == 8 and W_BITS == 8:
+                cols = k0 + tl.arange(0, BK)
+                a = tl.load(a_ptr + rm_in[:, None].to(tl.int64) * stride_am + cols[None, :])
+                b = tl.load(b_ptr + rn_in[:, None].to(tl.int64) * stride_bn + cols[None, :])
+                acc_i = tl.dot(a, tl.trans(b), acc_i, out_dtype=tl.int32)
+            else:
+                a_lo, a_hi = _load_halves(a_ptr, rm_in, stride_am, k0, BK, A_BITS)
+                b_lo, b_hi = _load_halves(b_ptr, rn_in, stride_bn, k0, BK, W_BITS)
+                acc_i = tl.dot(a_lo, tl.trans(b_lo), acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(a_hi, tl.trans(b_hi), acc_i, out_dtype=tl.int32)
+        xs = tl.load(as_ptr + rm_in.to(tl.int64) * stride_asm)
+        acc = acc_i.to(tl.float32) * xs[:, None]
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):  # BK == GROUP: one group per step
+            if A_BITS == 8 and W_BITS == 8:
+                cols = k0 + tl.arange(0, BK)
+                a = tl.load(a_ptr + rm_in[:, None].to(tl.int64) * stride_am + cols[None, :])
+                b = tl.load(b_ptr + rn_in[:, None].to(tl.int64) * stride_bn + cols[None, :])
+                d = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+            else:
+                a_lo, a_hi = _load_halves(a_ptr, rm_in, stride_am, k0, BK, A_BITS)
+                b_lo, b_hi = _load_halves(b_ptr, rn_in, stride_bn, k0, BK, W_BITS)
+                if W_BITS == 4:  # two-level weights: code · z, exact in int8
+                    z = tl.load(bz_ptr + rn_in.to(tl.int64) * stride_bzn + k0 // GROUP)
+                    z = z.to(tl.int8)[:, None]
+                    b_lo = b_lo * z
+                    b_hi = b_hi * z
+                d = tl.dot(a_lo, tl.trans(b_lo), out_dtype=tl.int32)
+                d = tl.dot(a_hi, tl.trans(b_hi), d, out_dtype=tl.int32)
+            xs = tl.load(as_ptr + rm_in.to(tl.int64) * stride_asm + k0 // GROUP)
+            acc += d.to(tl.float32) * xs[:, None]
+    acc = acc * tl.load(bs_ptr + rn_in)[None, :]
+    if has_bias:
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :],
              acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def _codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    return unpack_int4_ref(q) if bits == 4 else q
+# ------------------------------------------------------------------------------- launcher
+
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def quant_matmul_ref(xq, xs, wq, ws, bias, a_bits, w_bits, group_size, out_dtype):
+def signature(a_bits: int, w_bits: int, bias_dtype: torch.dtype | None,
+              out_dtype: torch.dtype) -> dict:
+    """Triton signature of the pointer and scalar arguments (for compiling without a GPU)."""
+    return {"a_ptr": "*i8", "as_ptr": "*fp32", "b_ptr": "*i8", "bz_ptr": "*u8",
+            "bs_ptr": "*fp32", "bias_ptr": f"*{_TL[bias_dtype or out_dtype]}",
+            "c_ptr": f"*{_TL[out_dtype]}", "M": "i32", "N": "i32", "K": "i32",
+            "stride_am": "i32", "stride_asm": "i32", "stride_bn": "i32", "stride_bzn": "i32",
+            "stride_cm": "i32", "has_bias": "u1"}
+
+
+def constexprs(a_bits: int, w_bits: int, group_size: int | None,
+               cfg: tuning.GemmConfig) -> dict:
+    return dict(A_BITS=a_bits, W_BITS=w_bits, GROUP=group_size or 0,
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M)
+
+
+def kernel_specs(arch: int, configs=None):
+    """Every (signature, constexprs, num_warps, num_stages) the launcher can produce on
+    ``arch`` with its table configs (or with ``configs``, bf16 output only): for the compile
+    tests. The bias is a runtime flag; its dtype is the output's in this signature."""
+    out = []
+    dtypes = FLOAT_DTYPES if configs is None else (torch.bfloat16,)
+    for w_bits, a_bits in BIT_PAIRS:
+        for group in GROUP_SIZES:
+            for base in configs or tuning.table_configs(arch):
+                for k in (4096, 4096 + 64):  # K % 128 == 0 or not: BK 128 or 64 per channel
+                    cfg = base.fitted(k, group, a_bits, w_bits, arch)
+                    for out_dtype in dtypes:
+                        out.append((signature(a_bits, w_bits, None, out_dtype),
+                                    constexprs(a_bits, w_bits, group, cfg),
+                                    cfg.num_warps, cfg.num_stages))
+    return list({repr(o): o for o in out}.values())
+
+
+def quant_matmul_ref(xq, xs, wq, ws, wz, bias, a_bits, w_bits, out_dtype):
     """Reference of :func:`quant_matmul` (and the CPU fallback): one float32 matmul of the
-    dequantized operands, ``(codes_x · xs) @ (codes_w · ws)ᵀ + bias`` — the same sum as the
-    kernel's per-group integer dots, up to float32 rounding."""
-    a = _codes(xq, a_bits).float()
-    b = _codes(wq, w_bits).float()
-    m, k = a.shape
-    a = (a.view(m, k // group_size, group_size) * xs.float().unsqueeze(-1)).view(m, k)
-    b = (b.view(-1, k // group_size, group_size) * ws.float().unsqueeze(-1)).view(-1, k)
+    dequantized operands — the same sum as the kernel's integer dots, up to fp32 rounding."""
+    a = dequantize_ref(unpack_codes(xq, a_bits), xs)
+    b = dequantize_weight_ref(unpack_codes(wq, w_bits), ws, wz)
     y = a @ b.T
     if bias is not None:
         y += bias.float()[None, :]
     return y.to(out_dtype)
+
+
+def _config(xq, m, n, k, a_bits, w_bits, group_size, launch) -> tuning.GemmConfig:
+    if interpreter_on() and not xq.is_cuda:
+        return tuning.INTERPRETER_CONFIG.fitted(k, group_size)
+    dev = xq.device
+    arch = tuning.device_arch(dev)
+    if not tuning.autotune_enabled():
+        return tuning.table_config(arch, m).fitted(k, group_size, a_bits, w_bits, arch)
+    bucket = min(triton.next_power_of_2(m), 16384)
+    key = f"sm{arch}-w{w_bits}a{a_bits}-g{group_size or 0}-m{bucket}-n{n}-k{k}"
+    candidates = {c.fitted(k, group_size, a_bits, w_bits, arch)
+                  for c in tuning.autotune_space(arch)}
+
+    def bench(cfg):
+        launch(cfg)  # compiles; raises if the config cannot run here
+        return triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
+
+    return tuning.tuned_config(tuning.cache_file(dev), key, sorted(candidates, key=str), bench)
 
 
 def quant_matmul(
@@ -130,61 +210,64 @@ def quant_matmul(
     xs: torch.Tensor,
     wq: torch.Tensor,
     ws: torch.Tensor,
+    wz: torch.Tensor | None,
     bias: torch.Tensor | None,
     a_bits: int,
     w_bits: int,
-    group_size: int,
+    group_size: int | None,
     out_dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W{w_bits}A{a_bits} GEMM; see the module docstring for layouts. Returns y [M, N]."""
-    check_bits("a_bits", a_bits)
-    check_bits("w_bits", w_bits)
-    check_dtype("xq", xq, torch.uint8 if a_bits == 4 else torch.int8)
-    check_dtype("wq", wq, torch.uint8 if w_bits == 4 else torch.int8)
+    check_bit_pair(w_bits, a_bits)
     if xq.dim() != 2 or wq.dim() != 2:
         raise ValueError(f"xq and wq must be 2-D, got {tuple(xq.shape)} and {tuple(wq.shape)}")
     m, n = xq.shape[0], wq.shape[0]
-    k = xq.shape[1] * (2 if a_bits == 4 else 1)
-    kw = wq.shape[1] * (2 if w_bits == 4 else 1)
-    if kw != k:
-        raise ValueError(f"activations have K={k} but weights have K={kw}")
-    check_group(group_size, k)
-    check_dtype("xs", xs, torch.float32)
-    check_float("ws", ws)
-    if tuple(xs.shape) != (m, k // group_size) or tuple(ws.shape) != (n, k // group_size):
-        raise ValueError(
-            f"scales must be xs [{m}, {k // group_size}] and ws [{n}, {k // group_size}], "
-            f"got {tuple(xs.shape)} and {tuple(ws.shape)}")
+    k = logical_columns(a_bits, xq.shape[1])
+    if xq.dtype != code_dtype(a_bits):
+        raise TypeError(f"xq must be {code_dtype(a_bits)} for {a_bits}-bit codes, got {xq.dtype}")
+    if wq.dtype != code_dtype(w_bits):
+        raise TypeError(f"wq must be {code_dtype(w_bits)} for {w_bits}-bit codes, got {wq.dtype}")
+    if logical_columns(w_bits, wq.shape[1]) != k:
+        raise ValueError(f"activations have K={k} but weights have "
+                         f"K={logical_columns(w_bits, wq.shape[1])}")
+    check_k(k, group_size)
+    check_tensor("xs", xs, (m, n_groups(group_size, k)), torch.float32)
+    check_tensor("ws", ws, (n,), torch.float32)
+    if w_bits == 4 and group_size is not None:
+        if wz is None:
+            raise ValueError("4-bit weights with a group size need wz (integer group scales)")
+        check_tensor("wz", wz, (n, k // group_size), torch.uint8)
+    elif wz is not None:
+        raise ValueError("wz exists only for 4-bit weights with a group size")
     if bias is not None:
         check_float("bias", bias, ndim=1)
         if bias.shape[0] != n:
             raise ValueError(f"bias must have {n} elements, got {bias.shape[0]}")
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
-    check_same_device(xq=xq, xs=xs, wq=wq, ws=ws, bias=bias, out=out)
-    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != out_dtype
-                            or not out.is_contiguous()):
-        raise ValueError(f"out must be contiguous {out_dtype} ({m}, {n}), "
-                         f"got {out.dtype} {tuple(out.shape)}")
+    check_same_device(xq=xq, xs=xs, wq=wq, ws=ws, wz=wz, bias=bias, out=out)
+    if out is not None:
+        check_out("out", out, (m, n), out_dtype, xq.device)
     if not use_triton(xq):
-        y = quant_matmul_ref(xq, xs, wq, ws, bias, a_bits, w_bits, group_size, out_dtype)
+        y = quant_matmul_ref(xq, xs, wq, ws, wz, bias, a_bits, w_bits, out_dtype)
         return out.copy_(y) if out is not None else y
-    for name, t in (("xq", xq), ("xs", xs), ("wq", wq), ("ws", ws)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have contiguous columns (stride(-1) == 1)")
     c = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return c
-    bias_arg = bias.contiguous() if bias is not None else c
+    # the specialization contract (ALIGNED): copies only for odd views, never for our buffers
+    a8, b8 = aligned(xq, rows=True).view(torch.int8), aligned(wq, rows=True).view(torch.int8)
+    xs, ws, wz, bias = aligned(xs), aligned(ws), aligned(wz), aligned(bias)
+    bias_arg = bias if bias is not None else c
+    wz_arg = wz if wz is not None else ws
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+    def launch(cfg):
+        grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
+        _quant_matmul_kernel[grid](
+            a8, xs, b8, wz_arg, ws, bias_arg, c, m, n, k,
+            a8.stride(0), xs.stride(0), b8.stride(0), wz.stride(0) if wz is not None else 0,
+            c.stride(0), bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **constexprs(a_bits, w_bits, group_size, cfg))
 
-    _quant_matmul_kernel[grid](
-        xq, xs, wq, ws, bias_arg, c,
-        m, n, k, triton.next_power_of_2(m),
-        xq.stride(0), xs.stride(0), wq.stride(0), ws.stride(0), c.stride(0),
-        A_BITS=a_bits, W_BITS=w_bits, GROUP=group_size, HAS_BIAS=bias is not None,
-    )
+    launch(_config(xq, m, n, k, a_bits, w_bits, group_size, launch))
     return c

@@ -15,8 +15,8 @@ import math
 
 import torch
 
-# Largest Hadamard block the fused Triton kernel builds in registers; larger power-of-two
-# blocks are split as H_B = H_(B/MAX_KERNEL_BLOCK) ⊗ H_MAX_KERNEL_BLOCK (Sylvester ordering).
+# Largest Hadamard block the fused Triton kernel applies itself; larger power-of-two blocks
+# are split as H_B = H_(B/inner) ⊗ H_inner (Sylvester ordering), the outer factor in PyTorch.
 MAX_KERNEL_BLOCK = 256
 
 
@@ -81,11 +81,10 @@ def _block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     return y.reshape(*lead, k) * (1.0 / math.sqrt(block))
 
 
-def apply_outer_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x·(H_outer ⊗ I_inner) for a block larger than MAX_KERNEL_BLOCK, normalized by
-    1/sqrt(outer); the kernel then applies the inner factor. Returns float32."""
+def apply_outer_hadamard(x: torch.Tensor, block: int, inner: int) -> torch.Tensor:
+    """x·(H_outer ⊗ I_inner) with outer = block / inner, normalized by 1/sqrt(outer): the
+    kernel then applies the inner factor (H_block = H_outer ⊗ H_inner). Returns float32."""
     k = x.shape[-1]
-    inner = MAX_KERNEL_BLOCK
     outer = block // inner
     h_out = hadamard_matrix(outer, torch.float32, x.device) * (1.0 / math.sqrt(outer))
     xs = x.reshape(*x.shape[:-1], k // block, outer, inner).float()

@@ -1,26 +1,23 @@
-"""Plain-PyTorch reference of symmetric per-group quantization and INT4 packing.
+"""Plain-PyTorch reference of the quantizers (layouts: :mod:`clq_triton.kernels.formats`).
 
-Quantizer (used by weights offline and, through the fused kernel, by activations online):
-- Groups of ``group_size`` consecutive elements along the last dim K.
-- ``qmax = 7`` for 4 bits, ``127`` for 8 bits; codes lie in [-qmax, qmax] (the value -8 / -128
-  is never produced, so the grid is symmetric).
-- ``scale = amax(|x_group|) * (clip / qmax)``, with ``clip`` in (0, 1] clipping the range;
-  ``code = sign(x) * min(floor(|x| / scale + 0.5), qmax)`` (round half away from zero).
-- A group of zeros has scale 0 and codes 0 (never NaN).
-- A group holding NaN or ±Inf has scale NaN and codes 0, so a GEMM over it yields NaN for that
-  token: non-finite input is reported, never silently turned into numbers.
+Activations (online, by the fused kernel; this is its reference):
+- groups of ``group_size`` consecutive elements along K, or the whole row when None;
+- ``scale = amax(|x_group|) · clip / qmax``; ``code = sign(x)·min(floor(|x|/scale + 0.5), qmax)``
+  (round half away from zero), so codes lie in [-qmax, qmax];
+- a group of zeros has scale 0 and codes 0; a group holding NaN or ±Inf has scale NaN and
+  codes 0, so the GEMM yields NaN for that token: non-finite input is reported, never hidden.
 
-INT4 packing: two codes per uint8 along K; the low nibble holds the even column (2j), the high
-nibble the odd column (2j+1); nibbles are two's complement.
+Weights (offline): one float32 scale per output channel; with 4 bits and a group size, a
+two-level code ``w ≈ s_n · z_{n,g} · code`` with integer z in [1, GROUP_INT_MAX] per group:
+``s_n = amax(|w_n|) · clip / (7 · GROUP_INT_MAX)``, ``z = clamp(ceil(amax_g · clip / (7·s_n)))``
+(never smaller than the group needs, so ``clip`` is the only clipping).
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def qmax_for(bits: int) -> int:
-    return 7 if bits == 4 else 127
+from .formats import GROUP_INT_MAX, check_group_size, n_groups, qmax_for
 
 
 def scale_multiplier(bits: int, clip: float) -> float:
@@ -29,25 +26,32 @@ def scale_multiplier(bits: int, clip: float) -> float:
     return float(clip) / qmax_for(bits)
 
 
+def _round_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """sign(x)·min(floor(|x|/scale + 0.5), qmax) with scale broadcast; 0 where scale is 0."""
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    mag = (x.abs() * inv).add_(0.5).floor_().clamp_(max=qmax)
+    return torch.copysign(mag, x)
+
+
 def quantize_ref(
     x: torch.Tensor,
-    group_size: int,
+    group_size: int | None,
     bits: int,
     clip: float = 1.0,
     scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize x [..., K] per group along K.
+    """Quantize x [..., K] per group along K (per row when ``group_size`` is None).
 
-    Returns (codes int8 [..., K], scales [..., K // group_size] of ``scale_dtype``). Codes are
-    computed from the scale *after* it is rounded to ``scale_dtype``, so that
-    ``codes * scale`` is what a consumer of the stored scale reconstructs.
+    Returns (codes int8 [..., K], scales [..., n_groups] of ``scale_dtype``). Codes are
+    computed from the scale *after* rounding it to ``scale_dtype``.
     """
+    check_group_size(group_size)
     qmax = qmax_for(bits)
     mult = torch.tensor(scale_multiplier(bits, clip), dtype=torch.float32)
     k = x.shape[-1]
-    g = x.float().reshape(*x.shape[:-1], k // group_size, group_size)
-    mag = g.abs()
-    amax = mag.amax(dim=-1)  # NaN and Inf propagate into the group max
+    ng = n_groups(group_size, k)
+    g = x.float().reshape(*x.shape[:-1], ng, k // ng)
+    amax = g.abs().amax(dim=-1)  # NaN and Inf propagate into the group max
     bad = ~torch.isfinite(amax)
     any_bad = bool(bad.any())
     if any_bad:
@@ -55,34 +59,49 @@ def quantize_ref(
     scale = (amax * mult).to(scale_dtype).float()
     if scale_dtype != torch.float32 and bool(torch.isinf(scale).any()):
         raise OverflowError(f"a group scale overflows {scale_dtype}: values too large to store")
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    mag = mag.mul_(inv.unsqueeze(-1)).add_(0.5).floor_().clamp_(max=qmax)
-    codes = torch.copysign(mag, g)
+    codes = _round_codes(g, scale.unsqueeze(-1), qmax)
     if any_bad:
         codes = torch.where(bad.unsqueeze(-1), 0.0, codes)
         scale = torch.where(bad, float("nan"), scale)
     return codes.to(torch.int8).reshape(x.shape), scale.to(scale_dtype)
 
 
-def dequantize_ref(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """codes int8 [..., K] × scales [..., K // group_size] → float32 [..., K]."""
-    k = codes.shape[-1]
-    g = codes.float().reshape(*codes.shape[:-1], k // group_size, group_size)
+def dequantize_ref(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """codes int8 [..., K] × scales [..., n_groups] (group = K / n_groups) → float32."""
+    k, ng = codes.shape[-1], scales.shape[-1]
+    g = codes.float().reshape(*codes.shape[:-1], ng, k // ng)
     return (g * scales.float().unsqueeze(-1)).reshape(codes.shape)
 
 
-def pack_int4_ref(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes in [-8, 7], [..., K] (K even) → uint8 [..., K // 2]; low nibble = even column."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"K must be even to pack int4, got {codes.shape[-1]}")
-    c = codes.to(torch.int32)
-    lo, hi = c[..., 0::2] & 0xF, c[..., 1::2] & 0xF
-    return (lo | (hi << 4)).to(torch.uint8)
+def quantize_weight_ref(
+    w: torch.Tensor, group_size: int | None, bits: int, clip: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize a weight [N, K] (finite) offline.
+
+    Returns (codes int8 [N, K], scale float32 [N], group_int uint8 [N, K/G] or None).
+    ``group_int`` exists for 4 bits with a group size (two-level code), else None.
+    """
+    check_group_size(group_size)
+    if bits == 8 or group_size is None:
+        codes, scale = quantize_ref(w, None, bits, clip)
+        return codes, scale[:, 0].contiguous(), None
+    qmax = qmax_for(bits)
+    n, k = w.shape
+    wf = w.float()
+    g = wf.reshape(n, k // group_size, group_size)
+    mult = torch.tensor(scale_multiplier(bits, clip), dtype=torch.float32)
+    ideal = g.abs().amax(-1) * mult  # the one-level group scale [N, G]
+    s = wf.abs().amax(-1) * (mult / GROUP_INT_MAX)  # [N]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    z = torch.ceil(ideal / safe[:, None]).clamp_(1, GROUP_INT_MAX)
+    codes = _round_codes(g, (s[:, None] * z).unsqueeze(-1), qmax)
+    return codes.to(torch.int8).reshape(n, k), s, z.to(torch.uint8)
 
 
-def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K // 2] → int8 codes [..., K] in [-8, 7] (inverse of pack_int4_ref)."""
-    p = packed.to(torch.int32)
-    lo = ((p & 0xF) ^ 8) - 8
-    hi = ((p >> 4) ^ 8) - 8
-    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1).to(torch.int8)
+def dequantize_weight_ref(
+    codes: torch.Tensor, scale: torch.Tensor, group_int: torch.Tensor | None
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_weight_ref`: float32 [N, K]."""
+    if group_int is None:
+        return codes.float() * scale.float()[:, None]
+    return dequantize_ref(codes, scale.float()[:, None] * group_int.float())

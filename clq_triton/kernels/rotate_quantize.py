@@ -1,142 +1,287 @@
-"""Fused online activation path: gather by permutation → block Hadamard → per-group
-quantize → INT4/INT8 pack, in one pass over x (kernel ``_rotate_quantize_kernel``).
+"""Fused online activation path: gather by permutation → (channel multiplier) → block
+Hadamard → quantize → pack, in one pass over x (kernel ``_rotate_quantize_kernel``).
 
-The same kernel with ``BITS=0`` writes the rotated values in x's dtype (``rotate``).
-References: :func:`clq_triton.kernels.hadamard.rotate_ref` and
-:mod:`clq_triton.kernels.quantize`.
+Layouts and scale modes: :mod:`clq_triton.kernels.formats`. Reference:
+:func:`~clq_triton.kernels.hadamard.rotate_ref`, then
+:func:`~clq_triton.kernels.quantize.quantize_ref`.
+
+The kernel works on tiles of T = max(Hadamard block, 64) columns. It loads a tile as two
+halves, x_lo = the columns that land in low nibbles (64p + j, j < 32) and x_hi = the
+high-nibble columns (+32), so the packed bytes come out without any shuffle. Splitting the
+columns by bit 5 splits the block-diagonal Sylvester Hadamard H too:
+- blocks ≤ 32 never straddle the halves: y_lo = x_lo·H', y_hi = x_hi·H' (H' = the same blocks
+  over T/2 columns);
+- blocks ≥ 64 do, as one butterfly: with P = x_lo·H'' and Q = x_hi·H'' (H'' = blocks of half
+  the size), y_lo = P + Q and y_hi = P − Q.
+H' / H'' is a ±1 float32 tile held once in global memory (``_hadamard_tile``), loaded once
+per program and applied with tensor-core dots: tf32 for fp16/bf16 inputs (their values are
+exact in tf32, the ±1 entries too, accumulation is fp32), tf32x3 for fp32 inputs. Programs
+are persistent over row blocks. Groups that fit in a tile are quantized from registers;
+larger scale spans (a group of 256 with a smaller tile, or the whole row with
+``group_size=None``) take two passes over the span's tiles, reading x twice: the span's max
+first, then the codes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_bits, check_float, check_group, check_same_device, use_triton
-from .hadamard import MAX_KERNEL_BLOCK, apply_outer_hadamard, check_block, check_perm, rotate_ref
-from .quantize import pack_int4_ref, qmax_for, quantize_ref, scale_multiplier
+from ._runtime import (
+    aligned,
+    check_float,
+    check_out,
+    check_same_device,
+    interpreter_on,
+    use_triton,
+)
+from .formats import check_bits, check_k, code_dtype, n_groups, pack_codes, stored_columns
+from .hadamard import (
+    MAX_KERNEL_BLOCK,
+    apply_outer_hadamard,
+    check_block,
+    check_perm,
+    hadamard_matrix,
+    rotate_ref,
+)
+from .quantize import quantize_ref, scale_multiplier
 
 
 @triton.jit
+def _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_norm, has_perm,
+                    has_cs, HALF: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr):
+    """(y_lo, y_hi) float32 [BM, HALF]: the rotated low- and high-nibble columns of a tile."""
+    j = tl.arange(0, HALF)
+    lo_cols = k0 + (j // 32) * 64 + (j % 32)
+    src_lo = lo_cols
+    src_hi = lo_cols + 32
+    if has_perm:
+        src_lo = tl.load(perm_ptr + lo_cols)
+        src_hi = tl.load(perm_ptr + lo_cols + 32)
+    base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if has_cs:
+        x_lo = x_lo * tl.load(cs_ptr + src_lo)[None, :]
+        x_hi = x_hi * tl.load(cs_ptr + src_hi)[None, :]
+    if ROT == 1:
+        x_lo = tl.dot(x_lo, h, input_precision=PREC) * h_norm
+        x_hi = tl.dot(x_hi, h, input_precision=PREC) * h_norm
+    elif ROT == 2:
+        p = tl.dot(x_lo, h, input_precision=PREC)
+        q = tl.dot(x_hi, h, input_precision=PREC)
+        x_lo = (p + q) * h_norm
+        x_hi = (p - q) * h_norm
+    return x_lo, x_hi
+
+
+@triton.jit
+def _codes(y, inv, bad, QMAX: tl.constexpr):
+    """Round half away from zero, clamp to ±QMAX; 0 where ``bad``. int32."""
+    mag = tl.minimum(tl.floor(tl.abs(y) * inv + 0.5), QMAX)
+    c = tl.where(y < 0, -mag, mag)
+    return tl.where(bad, 0.0, c).to(tl.int32)
+
+
+@triton.jit
+def _store_codes(q_ptr, rows, row_ok, stride_qm, k0, c_lo, c_hi,
+                 HALF: tl.constexpr, BITS: tl.constexpr):
+    """4 bits: byte k0/2 + j = c_lo | c_hi << 4. 8 bits: int8 at the natural columns."""
+    j = tl.arange(0, HALF)
+    base = q_ptr + rows[:, None].to(tl.int64) * stride_qm
+    if BITS == 4:
+        packed = ((c_lo & 15) | ((c_hi & 15) << 4)).to(tl.uint8)
+        tl.store(base + (k0 // 2 + j)[None, :], packed, mask=row_ok[:, None])
+    else:
+        lo_cols = k0 + (j // 32) * 64 + (j % 32)
+        tl.store(base + lo_cols[None, :], c_lo.to(tl.int8), mask=row_ok[:, None])
+        tl.store(base + (lo_cols + 32)[None, :], c_hi.to(tl.int8), mask=row_ok[:, None])
+
+
+@triton.jit
+def _max_finite(y_lo, y_hi, AXIS: tl.constexpr):
+    """(max |y| over finite values, count of non-finite values) along AXIS of both halves."""
+    f_lo = (y_lo - y_lo) == 0  # false for NaN and ±Inf
+    f_hi = (y_hi - y_hi) == 0
+    amax = tl.maximum(tl.max(tl.where(f_lo, tl.abs(y_lo), 0.0), axis=AXIS),
+                      tl.max(tl.where(f_hi, tl.abs(y_hi), 0.0), axis=AXIS))
+    nbad = (tl.sum(tl.where(f_lo, 0, 1), axis=AXIS) + tl.sum(tl.where(f_hi, 0, 1), axis=AXIS))
+    return amax, nbad
+
+
+@triton.jit
+def _scale_and_inverse(amax, nbad, scale_mult):
+    """(scale with NaN where the group held NaN/Inf, 1/scale or 0, bad mask)."""
+    bad = nbad > 0
+    scale = amax * scale_mult
+    inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+    return tl.where(bad, float("nan"), scale), inv, bad
+
+
+# Specialization contract (see gemm.py): pointers and ALIGNED integers are multiples of 16.
+ALIGNED = ("x_ptr", "perm_ptr", "cs_ptr", "h_ptr", "q_ptr", "s_ptr", "span", "stride_xm",
+           "stride_qm")
+NO_SPECIALIZE = ("M", "stride_sm", "n_row_blocks")
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _rotate_quantize_kernel(
-    x_ptr, perm_ptr, cs_ptr, q_ptr, s_ptr,
-    M, stride_xm, stride_qm, stride_sm,
-    scale_mult, h_norm,
-    BM: tl.constexpr, TILE: tl.constexpr, HB: tl.constexpr, LOG2_HB: tl.constexpr,
-    GROUP: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, HAS_PERM: tl.constexpr,
-    HAS_CS: tl.constexpr,
+    x_ptr, perm_ptr, cs_ptr, h_ptr, q_ptr, s_ptr,
+    M, span, stride_xm, stride_qm, stride_sm, scale_mult, h_norm, n_row_blocks, has_perm, has_cs,
+    BM: tl.constexpr, T: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr,
+    TILE_GROUP: tl.constexpr, BITS: tl.constexpr,
 ):
-    # One program: BM rows × TILE columns (TILE = max(HB, GROUP), a multiple of both).
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * TILE + tl.arange(0, TILE)
-    row_ok = rm < M
-    if HAS_PERM:
-        src = tl.load(perm_ptr + rk)
+    # Program (i, j) handles row blocks i, i + P, i + 2P, … (P programs along axis 0) and
+    # column range j: with TILE_GROUP > 0, the T-column tile j holding T / TILE_GROUP groups;
+    # with TILE_GROUP == 0, scale span j of ``span`` columns (a group larger than T, or the whole
+    # row per token), in two passes: the span's max first, then its codes.
+    HALF: tl.constexpr = T // 2
+    QMAX: tl.constexpr = 7 if BITS == 4 else 127
+    hj = tl.arange(0, HALF)
+    if ROT > 0:
+        h = tl.load(h_ptr + hj[:, None] * HALF + hj[None, :])
     else:
-        src = rk
-    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + src[None, :],
-                mask=row_ok[:, None], other=0.0)
-    if HAS_CS:  # per-channel multiplier (SmoothQuant); x·D stays float32
-        x = x.to(tl.float32) * tl.load(cs_ptr + src)[None, :]
-    if HB > 0:
-        # Block-diagonal Sylvester Hadamard, unnormalized (±1 is exact in every dtype):
-        # H[i, j] = (-1)^popcount(i & j) inside a block, 0 across blocks.
-        i = tl.arange(0, TILE)
-        both = i[:, None] & i[None, :]
-        parity = tl.zeros((TILE, TILE), dtype=tl.int32)
-        for b in tl.static_range(LOG2_HB):
-            parity = parity ^ ((both >> b) & 1)
-        same_block = (i[:, None] // HB) == (i[None, :] // HB)
-        h = tl.where(same_block, 1 - 2 * parity, 0).to(tl.float32)
-        # fp16 and bf16 values are exact in tf32 (10-bit mantissa), so tf32 tensor-core
-        # products are exact for them; fp32 input needs the full-precision dot.
-        if x.dtype == tl.float32:
-            xr = tl.dot(x, h, input_precision="ieee")
+        h = 0.0
+    col = tl.program_id(1)
+    for mb in range(tl.program_id(0), n_row_blocks, tl.num_programs(0)):
+        rows = mb * BM + tl.arange(0, BM)
+        row_ok = rows < M
+        if TILE_GROUP == 0:
+            amax = tl.zeros((BM,), dtype=tl.float32)
+            nbad = tl.zeros((BM,), dtype=tl.int32)
+            for k0 in range(col * span, col * span + span, T):
+                y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm,
+                                             k0, h_norm, has_perm, has_cs, HALF, ROT, PREC)
+                t_max, t_bad = _max_finite(y_lo, y_hi, 1)
+                amax = tl.maximum(amax, t_max)
+                nbad += t_bad
+            scale, inv, bad = _scale_and_inverse(amax, nbad, scale_mult)
+            tl.store(s_ptr + rows.to(tl.int64) * stride_sm + col, scale, mask=row_ok)
+            for k0 in range(col * span, col * span + span, T):
+                y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm,
+                                             k0, h_norm, has_perm, has_cs, HALF, ROT, PREC)
+                _store_codes(q_ptr, rows, row_ok, stride_qm, k0,
+                             _codes(y_lo, inv[:, None], bad[:, None], QMAX),
+                             _codes(y_hi, inv[:, None], bad[:, None], QMAX), HALF, BITS)
         else:
-            xr = tl.dot(x.to(tl.float32), h, input_precision="tf32")
-        xr = xr * h_norm
-    else:
-        xr = x.to(tl.float32)
-
-    if BITS == 0:
-        cols = pid_k * TILE + tl.arange(0, TILE)
-        tl.store(q_ptr + rm[:, None].to(tl.int64) * stride_qm + cols[None, :],
-                 xr.to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        NG: tl.constexpr = TILE // GROUP
-        g = tl.reshape(xr, (BM, NG, GROUP))
-        finite = (g - g) == 0  # false for NaN and ±Inf
-        bad = tl.max(tl.where(finite, 0, 1), axis=2) > 0
-        amax = tl.max(tl.where(finite, tl.abs(g), 0.0), axis=2)
-        scale = amax * scale_mult
-        inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
-        mag = tl.minimum(tl.floor(tl.abs(g) * inv[:, :, None] + 0.5), QMAX)
-        codes = tl.where(g < 0, -mag, mag)
-        codes = tl.where(bad[:, :, None], 0.0, codes)
-        codes = tl.reshape(codes, (BM, TILE)).to(tl.int32)
-        scale = tl.where(bad, float("nan"), scale)
-        sg = pid_k * NG + tl.arange(0, NG)
-        tl.store(s_ptr + rm[:, None].to(tl.int64) * stride_sm + sg[None, :], scale,
-                 mask=row_ok[:, None])
-        if BITS == 4:
-            lo, hi = tl.split(tl.reshape(codes, (BM, TILE // 2, 2)))
-            packed = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
-            pc = pid_k * (TILE // 2) + tl.arange(0, TILE // 2)
-            tl.store(q_ptr + rm[:, None].to(tl.int64) * stride_qm + pc[None, :], packed,
+            NG: tl.constexpr = T // TILE_GROUP
+            GH: tl.constexpr = TILE_GROUP // 2
+            k0 = col * T
+            y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm,
+                                         k0, h_norm, has_perm, has_cs, HALF, ROT, PREC)
+            g_lo = tl.reshape(y_lo, (BM, NG, GH))
+            g_hi = tl.reshape(y_hi, (BM, NG, GH))
+            amax, nbad = _max_finite(g_lo, g_hi, 2)
+            scale, inv, bad = _scale_and_inverse(amax, nbad, scale_mult)
+            sg = col * NG + tl.arange(0, NG)
+            tl.store(s_ptr + rows[:, None].to(tl.int64) * stride_sm + sg[None, :], scale,
                      mask=row_ok[:, None])
-        else:
-            cols = pid_k * TILE + tl.arange(0, TILE)
-            tl.store(q_ptr + rm[:, None].to(tl.int64) * stride_qm + cols[None, :],
-                     codes.to(tl.int8), mask=row_ok[:, None])
+            c_lo = _codes(g_lo, inv[:, :, None], bad[:, :, None], QMAX)
+            c_hi = _codes(g_hi, inv[:, :, None], bad[:, :, None], QMAX)
+            _store_codes(q_ptr, rows, row_ok, stride_qm, k0, tl.reshape(c_lo, (BM, HALF)),
+                         tl.reshape(c_hi, (BM, HALF)), HALF, BITS)
 
 
-def _check_out(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device) -> None:
-    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
-        raise ValueError(f"{name} must be {dtype} {tuple(shape)} on {device}, "
-                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+# ------------------------------------------------------------------------------- launcher
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _launch(x2, perm, block, group, bits, clip, q, s, channel_scale=None):
-    """Run the kernel on x2 [M, K] (rows may be strided, columns contiguous)."""
+def max_kernel_block(dtype: torch.dtype) -> int:
+    """Largest Hadamard block the kernel applies itself: 256 for fp16/bf16 input; 128 for
+    fp32, whose tf32x3 dots would need more shared memory than sm_86/sm_89 have at 256."""
+    return 128 if dtype == torch.float32 else MAX_KERNEL_BLOCK
+
+
+def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int) -> dict:
+    """The kernel's compile-time arguments and launch settings for one call.
+
+    Blocks above ``max_kernel_block`` are split: the launcher applies the permutation, the
+    channel multiplier and the outer Hadamard factor in PyTorch (float32), the kernel the
+    inner one. The compile tests enumerate the same function (:func:`kernel_specs`)."""
+    if block is not None and block > max_kernel_block(dtype):
+        dtype = torch.float32
+        block = max_kernel_block(dtype)
+    hb = block or 0
+    t = max(hb, 64)  # the rotation's tile: as small as the block allows (fewer dot flops)
+    rot = 0 if hb == 0 else (1 if hb <= 32 else 2)
+    tile_group = group_size if group_size is not None and group_size <= t else 0
+    bm = 16 if interpreter_on() else {64: 64, 128: 32, 256: 16}[t]
+    return {
+        "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32x3" if dtype == torch.float32 else "tf32",
+                           TILE_GROUP=tile_group, BITS=bits),
+        "num_warps": 4, "dtype": dtype, "block": hb,
+        "h_block": hb if rot == 1 else hb // 2,
+    }
+
+
+def kernel_specs():
+    """Every distinct (dtype, compile-time arguments, num_warps) the launcher can produce:
+    for the compile tests. The permutation and the channel multiplier are runtime flags."""
+    seen = {}
+    for dtype in KERNEL_DTYPES:
+        for block in (None, 16, 32, 64, 128, 256, 512):
+            for group in (None, 64, 128, 256):
+                for bits in (4, 8):
+                    p = plan(dtype, block, group, bits)
+                    seen.setdefault((p["dtype"], tuple(sorted(p["constexprs"].items())),
+                                     p["num_warps"]), p)
+    return list(seen.values())
+
+
+def signature(dtype: torch.dtype, bits: int) -> dict:
+    """Triton signature of the pointer and scalar arguments (for compiling without a GPU)."""
+    x = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    return {"x_ptr": x, "perm_ptr": "*i32", "cs_ptr": "*fp32", "h_ptr": "*fp32",
+            "q_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32",
+            "M": "i32", "span": "i32", "stride_xm": "i32", "stride_qm": "i32",
+            "stride_sm": "i32", "scale_mult": "fp32", "h_norm": "fp32", "n_row_blocks": "i32",
+            "has_perm": "u1", "has_cs": "u1"}
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_tile(half: int, h_block: int, device: torch.device) -> torch.Tensor:
+    """±1 float32 [half, half]: block-diagonal Sylvester Hadamard with blocks of h_block."""
+    h = hadamard_matrix(h_block, torch.float32)
+    return torch.block_diag(*([h] * (half // h_block))).to(device).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_per_column(device: torch.device) -> int:
+    """Persistent programs along the rows: a few waves of the GPU (2 in the interpreter, so
+    that the tests run the row loop)."""
+    if device.type != "cuda":
+        return 2
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(x2, perm, block, group, bits, clip, q, s, channel_scale):
     m, k = x2.shape
-    if block is not None and block > MAX_KERNEL_BLOCK:
-        x2 = _scale_channels(x2, channel_scale)
-        channel_scale = None
+    if block is not None and block > max_kernel_block(x2.dtype):
+        if channel_scale is not None:
+            x2 = x2.float() * channel_scale
         if perm is not None:
             x2 = x2[:, perm.long()]
-            perm = None
-        x2 = apply_outer_hadamard(x2, block)
-        block = MAX_KERNEL_BLOCK
-    hb = block or 0
-    tile = max(hb, group if bits else 16)
-    if k % tile:  # only reachable in float mode without rotation
-        raise ValueError(f"K={k} must be a multiple of 16 for the Triton rotate kernel")
-    bm = max(16, min(64, 8192 // tile))
-    perm_arg = perm.to(torch.int32) if perm is not None else x2
-    grid = (triton.cdiv(m, bm), k // tile)
-    cs_arg = channel_scale if channel_scale is not None else x2
+        x2 = apply_outer_hadamard(x2, block, max_kernel_block(torch.float32))
+        perm = channel_scale = None
+    p = plan(x2.dtype, block, group, bits)
+    c = p["constexprs"]
+    h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else x2
+    span = k if group is None else group
+    n_cols = k // c["T"] if c["TILE_GROUP"] else k // span
+    n_row_blocks = triton.cdiv(m, c["BM"])
+    grid = (min(n_row_blocks, max(1, _programs_per_column(x2.device) // n_cols)), n_cols)
     _rotate_quantize_kernel[grid](
-        x2, perm_arg, cs_arg, q, s if s is not None else q,
-        m, x2.stride(0), q.stride(0), s.stride(0) if s is not None else 0,
-        scale_multiplier(bits, clip) if bits else 1.0,
-        1.0 / math.sqrt(hb) if hb else 1.0,
-        BM=bm, TILE=tile, HB=hb, LOG2_HB=int(math.log2(hb)) if hb else 0,
-        GROUP=group if bits else tile, BITS=bits, QMAX=qmax_for(bits) if bits else 0,
-        HAS_PERM=perm is not None, HAS_CS=channel_scale is not None,
+        x2, perm if perm is not None else x2, channel_scale if channel_scale is not None else x2,
+        h, q, s, m, span, x2.stride(0), q.stride(0), s.stride(0),
+        scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
+        n_row_blocks, perm is not None, channel_scale is not None,
+        num_warps=p["num_warps"], **c,
     )
-
-
-def _scale_channels(x: torch.Tensor, channel_scale: torch.Tensor | None) -> torch.Tensor:
-    """x·diag(channel_scale) in float32 (x unchanged when channel_scale is None)."""
-    if channel_scale is None:
-        return x
-    return x.float() * channel_scale
 
 
 def _check_channel_scale(channel_scale: torch.Tensor | None, k: int) -> None:
@@ -145,85 +290,60 @@ def _check_channel_scale(channel_scale: torch.Tensor | None, k: int) -> None:
     if channel_scale.dtype != torch.float32 or tuple(channel_scale.shape) != (k,):
         raise ValueError(f"channel_scale must be float32 ({k},), got {channel_scale.dtype} "
                          f"{tuple(channel_scale.shape)}")
-
-
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def rotate(
-    x: torch.Tensor,
-    perm: torch.Tensor | None = None,
-    block: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x·S·H along the last dim. x: [..., K] fp16/bf16/fp32; returns x's shape and dtype."""
-    check_float("x", x)
-    k = x.shape[-1]
-    check_block(block, k)
-    check_perm(perm, k)
-    check_same_device(x=x, perm=perm, out=out)
-    if out is not None:
-        _check_out("out", out, x.shape, x.dtype, x.device)
-    if not use_triton(x):
-        y = rotate_ref(x, perm, block).to(x.dtype)
-        return out.copy_(y) if out is not None else y
-    x2 = _as_rows(x)
-    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        _launch(x2, perm, block, 16, 0, 1.0, y.view(-1, k), None)
-    return y
+    if not channel_scale.is_contiguous():
+        raise ValueError("channel_scale must be contiguous")
 
 
 def rotate_quantize(
     x: torch.Tensor,
     perm: torch.Tensor | None,
     block: int | None,
-    group_size: int,
+    group_size: int | None,
     bits: int,
     clip: float = 1.0,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     channel_scale: torch.Tensor | None = None,
     check_perm_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize the rotated activations x·D·S·H per token per group.
+    """Quantize the rotated activations x·D·S·H per token (per group, or per row when
+    ``group_size`` is None).
 
-    D = diag(channel_scale) (float32 [K], optional) is the SmoothQuant-style per-channel
-    multiplier; x·D is kept in float32 (full-precision Hadamard dot); S·H as in ``rotate``.
-
-    x: [M, K] fp16/bf16/fp32 (columns contiguous; rows may be strided).
+    x: [M, K] fp16/bf16/fp32, columns contiguous (rows may be strided); K a multiple of 64.
+    perm: int32 [K] (S, a gather; see kernels.hadamard) or None. block: Hadamard block or None.
+    channel_scale: float32 [K], the diagonal D (SmoothQuant-style multiplier), or None.
     Returns (q, scales):
-      q: 4 bits → uint8 [M, K // 2], packed (low nibble = even column);
-         8 bits → int8 [M, K];
-      scales: float32 [M, K // group_size] (NaN for groups holding NaN/Inf).
-    ``out`` optionally gives preallocated (q, scales) to write into.
-    ``check_perm_values=False`` skips reading ``perm`` back to check it is a permutation (a
-    device sync); only for a perm validated before, as QuantLinear does.
+      q: 4 bits → uint8 [M, K/2], split-halves packing (kernels.formats); 8 bits → int8 [M, K];
+      scales: float32 [M, K/group_size] or [M, 1]; NaN for groups holding NaN/Inf.
+    ``out`` optionally gives preallocated (q, scales). ``check_perm_values=False`` skips the
+    check that ``perm`` is a permutation (it reads perm back: a device sync); only for a perm
+    validated before, as QuantLinear does.
     """
     check_float("x", x, ndim=2)
     check_bits("bits", bits)
     m, k = x.shape
-    check_group(group_size, k)
+    check_k(k, group_size)
     check_block(block, k)
     check_perm(perm, k, values=check_perm_values)
     _check_channel_scale(channel_scale, k)
     check_same_device(x=x, perm=perm, channel_scale=channel_scale)
-    q_shape = (m, k // 2) if bits == 4 else (m, k)
-    q_dtype = torch.uint8 if bits == 4 else torch.int8
+    q_shape = (m, stored_columns(bits, k))
+    s_shape = (m, n_groups(group_size, k))
     if out is None:
-        q = torch.empty(q_shape, dtype=q_dtype, device=x.device)
-        s = torch.empty((m, k // group_size), dtype=torch.float32, device=x.device)
+        q = torch.empty(q_shape, dtype=code_dtype(bits), device=x.device)
+        s = torch.empty(s_shape, dtype=torch.float32, device=x.device)
     else:
         q, s = out
-        _check_out("out[0]", q, q_shape, q_dtype, x.device)
-        _check_out("out[1]", s, (m, k // group_size), torch.float32, x.device)
+        check_out("out[0]", q, q_shape, code_dtype(bits), x.device)
+        check_out("out[1]", s, s_shape, torch.float32, x.device)
     if not use_triton(x):
-        xr = rotate_ref(_scale_channels(x, channel_scale), perm, block)
-        codes, scales = quantize_ref(xr, group_size, bits, clip)
-        q.copy_(pack_int4_ref(codes) if bits == 4 else codes)
+        xs = x.float() * channel_scale if channel_scale is not None else x
+        codes, scales = quantize_ref(rotate_ref(xs, perm, block), group_size, bits, clip)
+        q.copy_(pack_codes(codes, bits))
         s.copy_(scales)
         return q, s
     if m:
-        _launch(_as_rows(x), perm, block, group_size, bits, clip, q, s, channel_scale)
+        # the specialization contract (ALIGNED): copies only for odd views
+        _launch(aligned(x, rows=True), aligned(perm.to(torch.int32)) if perm is not None else None,
+                block, group_size, bits, clip, q, s, aligned(channel_scale))
     return q, s
+

@@ -1,0 +1,187 @@
+"""Launch configurations of the quantized GEMM: a shipped table used by default, and opt-in
+autotuning whose results are cached per GPU.
+
+Default: the first call of a new shape compiles exactly one kernel (no benchmarking).
+The table is keyed by architecture and an M bucket. Its entries were chosen from the
+hardware's tile limits and from one probe on an H200 (``bench/results``); they are not yet
+tuned per shape on a GPU: run ``python bench/gpu_check.py --autotune`` on a GPU to measure
+the table against the autotuned choice.
+
+Opt-in: ``set_autotune(True)`` (or ``CLQ_AUTOTUNE=1`` in the environment at import) makes the
+first call of each (GPU, bits, group, M bucket, N, K) benchmark ``autotune_space()`` and keep
+the fastest, in memory and in a JSON file under ``~/.cache/clq_triton`` (or
+``$CLQ_CACHE_DIR``), which later processes read instead of tuning again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+# Shared memory a block may use (the driver's limit, bytes) per compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+ARCHS = (80, 89, 90)  # what the compile tests cover: A100, L40/4090, H100/H200
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 8
+
+    def smem_estimate(self, a_bits: int, w_bits: int) -> int:
+        """Bytes of shared memory: the pipelined operand tiles plus, with a 4-bit side, the
+        unpacked int8 tiles. Exact for W8A8, an over-estimate otherwise (measured by the
+        compile tests)."""
+        a = self.BK // 2 if a_bits == 4 else self.BK
+        w = self.BK // 2 if w_bits == 4 else self.BK
+        unpacked = (self.BM + self.BN) * self.BK if 4 in (a_bits, w_bits) else 0
+        return self.num_stages * (self.BM * a + self.BN * w) + unpacked
+
+    def fitted(self, k: int, group_size: int | None, a_bits: int = 4, w_bits: int = 4,
+               arch: int | None = None) -> "GemmConfig":
+        """The config for one call: BK equals the group (one rescale per K step) or, per
+        channel, divides K; then, on ``arch``, fewer stages (down to 2) and then a narrower
+        BN until the shared-memory estimate fits."""
+        if group_size is not None:
+            cfg = replace(self, BK=group_size)
+        else:
+            bk = self.BK
+            while k % bk:
+                bk //= 2
+            cfg = replace(self, BK=bk)
+        if arch is None:
+            return cfg
+        limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[table_family(arch)])
+        while cfg.smem_estimate(a_bits, w_bits) > limit and cfg.num_stages > 2:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+        while cfg.smem_estimate(a_bits, w_bits) > limit and cfg.BN > 64:
+            cfg = replace(cfg, BN=cfg.BN // 2)
+        return cfg
+
+
+# (largest M, config); the first row whose bound holds is used.
+_TABLE = {
+    90: ((64, GemmConfig(64, 128, 128, 4, 4)),
+         (512, GemmConfig(128, 128, 128, 8, 3)),
+         (None, GemmConfig(128, 256, 128, 8, 3))),
+    89: ((64, GemmConfig(64, 128, 128, 4, 3)),
+         (None, GemmConfig(128, 128, 64, 8, 3))),
+    80: ((64, GemmConfig(64, 128, 128, 4, 3)),
+         (None, GemmConfig(128, 128, 128, 8, 3))),
+}
+INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, 1)
+
+
+def table_family(arch: int) -> int:
+    """The table row set for a compute capability (major·10 + minor)."""
+    if arch < 80:
+        raise RuntimeError(f"the Triton kernels need compute capability 8.0 or newer, got "
+                           f"{arch // 10}.{arch % 10}; use clq_triton.set_backend('torch')")
+    if arch >= 90:
+        return 90
+    return 80 if SHARED_LIMIT.get(arch, 0) >= 166912 else 89
+
+
+def table_configs(arch: int) -> tuple[GemmConfig, ...]:
+    return tuple(c for _, c in _TABLE[table_family(arch)])
+
+
+def table_config(arch: int, m: int) -> GemmConfig:
+    for bound, cfg in _TABLE[table_family(arch)]:
+        if bound is None or m <= bound:
+            return cfg
+    raise AssertionError("the table's last row has no bound")
+
+
+def autotune_space(arch: int) -> tuple[GemmConfig, ...]:
+    """Candidates of the opt-in autotuner: Hopper-sized tiles first, then smaller ones."""
+    big = tuple(GemmConfig(bm, bn, bk, 8, st) for bm, bn in ((128, 128), (128, 256), (256, 128))
+                for bk in (64, 128) for st in (3, 4))
+    small = (GemmConfig(64, 128, 128, 4, 3), GemmConfig(64, 128, 128, 4, 4),
+             GemmConfig(128, 64, 128, 4, 3), GemmConfig(64, 64, 128, 4, 4),
+             GemmConfig(128, 128, 64, 4, 3))
+    return big + small if table_family(arch) == 90 else small + big[:4]
+
+
+# ------------------------------------------------------------------- opt-in autotuning
+
+_autotune = os.environ.get("CLQ_AUTOTUNE", "0") not in ("", "0")
+_tuned: dict[str, dict[str, GemmConfig]] = {}  # cache file → key → config
+
+
+def set_autotune(on: bool) -> None:
+    """Benchmark the candidates on the first call of each GPU/shape (off by default)."""
+    global _autotune
+    _autotune = bool(on)
+
+
+def autotune_enabled() -> bool:
+    return _autotune
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=None)
+def cache_file(device: torch.device) -> str:
+    """Where tuned configs of this GPU model and triton version are kept."""
+    import triton
+
+    name = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
+    root = os.environ.get("CLQ_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "clq_triton")
+    return os.path.join(root, f"gemm-{name}-triton{triton.__version__}.json")
+
+
+def _tuned_for(path: str) -> dict[str, GemmConfig]:
+    if path not in _tuned:
+        _tuned[path] = {}
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    _tuned[path] = {k: GemmConfig(**v) for k, v in json.load(f).items()}
+            except (OSError, ValueError, TypeError) as e:
+                raise RuntimeError(f"cannot read the tuned-config cache {path}: {e}; "
+                                   "delete the file to tune again") from e
+    return _tuned[path]
+
+
+def _save(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({k: asdict(v) for k, v in _tuned[path].items()}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def tuned_config(path: str, key: str, candidates, bench) -> GemmConfig:
+    """The config cached in ``path`` for ``key``, or the fastest candidate by
+    ``bench(cfg) -> ms`` (candidates that fail to compile or launch are skipped)."""
+    known = _tuned_for(path)
+    if key in known:
+        return known[key]
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        try:
+            ms = bench(cfg)
+        except Exception:  # noqa: BLE001 - out of resources / compile error: not a candidate
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no GEMM config could run for {key}")
+    known[key] = best
+    _save(path)
+    return best
