@@ -1,0 +1,202 @@
+"""Compile every kernel specialization for real GPU targets on a machine without a GPU.
+
+The Triton interpreter is not the compiler: code that runs in the interpreter can fail to
+compile (e.g. an int32 ``tl.dot`` accumulator without ``out_dtype=tl.int32`` under triton
+3.6) or need more shared memory than the GPU has. This module runs the real compiler
+(``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``) up to PTX, skipping
+ptxas, and checks each result:
+- it compiles;
+- its shared memory fits the target's per-block limit (``tuning.SHARED_LIMIT``);
+- for the quantized GEMM on sm_90, the PTX uses int8 tensor-core instructions (``wgmma`` with
+  s8 operands); on sm_80/sm_89, ``mma`` with s8 operands.
+
+Used by ``tests/test_compile.py``; also a command:
+``python -m clq_triton.kernels.compile_check [--arch 90] [--jobs 2]`` prints every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+WGMMA_S8 = re.compile(r"wgmma\.mma_async[.\w]*\.s8\.s8")
+MMA_S8 = re.compile(r"mma\.sync\.aligned[.\w]*\.s8\.s8")
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str  # "gemm" | "rotate_quantize" | "package.module:function" (any @triton.jit)
+    arch: int
+    signature: tuple  # sorted (name, type) pairs
+    constexprs: tuple  # sorted (name, value) pairs
+    num_warps: int
+    num_stages: int
+    what: str  # "table" | "autotune" | "launcher"
+
+    def label(self) -> str:
+        c = dict(self.constexprs)
+        sig = dict(self.signature)
+        dt = sig.get("x_ptr") or sig.get("c_ptr")
+        return (f"{self.kernel} sm_{self.arch} {dt} " + " ".join(f"{k}={v}" for k, v in c.items())
+                + f" warps={self.num_warps} stages={self.num_stages} ({self.what})")
+
+
+@dataclass
+class Result:
+    job: Job
+    ok: bool
+    shared: int = 0
+    limit: int = 0
+    int8_mma: bool | None = None  # GEMM only
+    error: str = ""
+    seconds: float = 0.0
+
+    def problem(self) -> str:
+        """'' when the job passed, else why it did not."""
+        if not self.ok:
+            return f"compile error: {self.error}"
+        if self.shared > self.limit:
+            return f"shared memory {self.shared} B > limit {self.limit} B"
+        if self.int8_mma is False:
+            return "no int8 tensor-core instruction in the PTX"
+        return ""
+
+
+def _no_cubin_hook(*args):
+    """triton's add_stages_inspection_hook: replace the ptxas stage by a no-op."""
+    if not args:
+        return "clq-no-cubin", "clq-no-cubin"
+    _backend, stages, *_ = args
+    stages["cubin"] = lambda src, metadata: b""
+
+
+KERNELS = {"gemm": "clq_triton.kernels.gemm:_quant_matmul_kernel",
+           "rotate_quantize": "clq_triton.kernels.rotate_quantize:_rotate_quantize_kernel"}
+
+
+def _kernel(name: str):
+    """(the @triton.jit function, the names of the arguments it is specialized as aligned)."""
+    import importlib
+
+    module, _, fn = KERNELS.get(name, name).partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, fn), getattr(mod, "ALIGNED", ())
+
+
+def compile_job(job: Job) -> Result:
+    """Compile one specialization (no GPU needed) and check it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .tuning import SHARED_LIMIT
+
+    triton.knobs.runtime.add_stages_inspection_hook = _no_cubin_hook
+    fn, aligned_args = _kernel(job.kernel)
+    cons = dict(job.constexprs)
+    sig = dict(job.signature)
+    sig.update({k: "constexpr" for k in cons})
+    # the divisibility the launcher guarantees, as the JIT would specialize it
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned_args}
+    t0 = time.perf_counter()
+    limit = SHARED_LIMIT[job.arch]
+    try:
+        k = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", job.arch, 32),
+                           options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+    except Exception as e:  # noqa: BLE001 - every failure is a result to report
+        msg = " ".join(str(e).split())[-600:]
+        return Result(job, False, limit=limit, error=f"{type(e).__name__}: {msg}",
+                      seconds=time.perf_counter() - t0)
+    int8 = None
+    if job.kernel == "gemm":
+        pattern = WGMMA_S8 if job.arch >= 90 else MMA_S8
+        int8 = bool(pattern.search(k.asm["ptx"]))
+    return Result(job, True, shared=k.metadata.shared, limit=limit, int8_mma=int8,
+                  seconds=time.perf_counter() - t0)
+
+
+def all_jobs(archs=None) -> list[Job]:
+    """GEMM: every launcher specialization with the shipped table's configs on each arch, and
+    every autotune candidate on sm_90 (bf16 out). Rotate+quantize: every launcher
+    specialization on each arch."""
+    from . import gemm, rotate_quantize, tuning
+
+    archs = archs or tuning.ARCHS
+    jobs = []
+
+    def add(kernel, arch, sig, cons, warps, stages, what):
+        jobs.append(Job(kernel, arch, tuple(sorted(sig.items())), tuple(sorted(cons.items())),
+                        warps, stages, what))
+
+    for arch in archs:
+        for sig, cons, warps, stages in gemm.kernel_specs(arch):
+            add("gemm", arch, sig, cons, warps, stages, "table")
+        for p in rotate_quantize.kernel_specs():
+            c = p["constexprs"]
+            add("rotate_quantize", arch, rotate_quantize.signature(p["dtype"], c["BITS"]), c,
+                p["num_warps"], 1, "launcher")
+    if 90 in archs:
+        table = set(tuning.table_configs(90))
+        extra = [c for c in tuning.autotune_space(90) if c not in table]
+        for sig, cons, warps, stages in gemm.kernel_specs(90, extra):
+            add("gemm", 90, sig, cons, warps, stages, "autotune")
+    return list(dict.fromkeys(jobs))  # distinct, in order
+
+
+def run_jobs(jobs: list[Job], processes: int | None = None, progress=None) -> list[Result]:
+    """Compile ``jobs`` in fresh worker processes (each compile is single-threaded).
+
+    Workers are spawned with TRITON_INTERPRET=0, so this works from a process whose kernels
+    run in the interpreter (the test suite): there ``@triton.jit`` functions cannot compile.
+    """
+    processes = max(1, min(processes or os.cpu_count() or 1, len(jobs)))
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # copied into the workers when they spawn
+    out = []
+    try:
+        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+            for r in pool.map(compile_job, jobs, chunksize=4):
+                out.append(r)
+                if progress:
+                    progress(r)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, action="append", help="80, 89 or 90 (default: all)")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel processes")
+    ap.add_argument("--kernel", choices=("gemm", "rotate_quantize"))
+    args = ap.parse_args(argv)
+    jobs = [j for j in all_jobs(args.arch) if args.kernel in (None, j.kernel)]
+    import triton
+
+    print(f"triton {triton.__version__}: compiling {len(jobs)} specializations", flush=True)
+    t0 = time.perf_counter()
+    bad = 0
+
+    def show(r):
+        nonlocal bad
+        p = r.problem()
+        bad += bool(p)
+        print(f"{'FAIL' if p else 'ok  '} {r.shared:>7} B {r.seconds:5.1f}s {r.job.label()}"
+              + (f"\n     {p}" if p else ""), flush=True)
+
+    results = run_jobs(jobs, args.jobs, show)
+    print(f"{len(results) - bad} ok, {bad} failed, {time.perf_counter() - t0:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

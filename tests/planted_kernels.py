@@ -1,0 +1,23 @@
+"""Kernels with planted faults that the compiler rejects: the compile check must report them
+(tests/test_compile.py)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def int_dot(a_ptr, b_ptr, c_ptr, K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """int8 · int8 into an int32 accumulator. Without ``out_dtype=tl.int32`` (OUT_DTYPE False)
+    triton 3.6 refuses it: the fault that broke the first GPU run, which the interpreter of
+    triton 3.9 accepts. With K < 32 the GPU compiler refuses any int8 dot, while the
+    interpreter runs it."""
+    r = tl.arange(0, 64)
+    k = tl.arange(0, K)
+    a = tl.load(a_ptr + r[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + r[:, None] * K + k[None, :])
+    acc = tl.zeros((64, 64), dtype=tl.int32)
+    if OUT_DTYPE:
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(a, tl.trans(b), acc)
+    tl.store(c_ptr + r[:, None] * 64 + r[None, :], acc)
