@@ -1,0 +1,367 @@
+"""One-shot GPU check: are the compiled kernels right, and how fast are they?
+
+    python bench/gpu_check.py                   # on a CUDA machine, about 3-5 minutes
+    python bench/gpu_check.py --autotune        # also: shipped table vs autotuned configs
+    TRITON_INTERPRET=1 python bench/gpu_check.py --smoke   # tiny shapes on CPU (CI runs this)
+
+Sections (each logs a JSON line as it finishes; a failing section is recorded and the rest
+go on; sections are skipped once --budget seconds have passed):
+1. correctness: rotate+quantize and the GEMM (every scale mode and bit width) and
+   QuantLinear, compiled kernels vs their PyTorch references;
+2. GEMM table at M = 4096: W4A4 / W4A8 / W8A8 per channel, group 128 and group 64 vs
+   torch bf16, FP8 ``torch._scaled_mm`` (row-wise) and INT8 ``torch._int_mm``; first-call times;
+3. rotate+quantize GB/s vs a copy;
+4. QuantLinear vs nn.Linear;
+5. a PixArt-Σ-sized transformer (28 blocks, hidden 1152, 4096 image tokens, random weights):
+   FP bf16 vs W4A4 / W8A8, time, peak memory, first-call time, output error.
+Writes ``<out>/gpu-check-<device>-<date>.json`` and ``.md`` (device, versions, commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+LOG: list[dict] = []
+T0 = time.perf_counter()
+
+
+def log(**row):
+    row["t"] = round(time.perf_counter() - T0, 1)
+    LOG.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def section(name, budget):
+    def deco(fn):
+        def run(*a, **k):
+            if time.perf_counter() - T0 > budget:
+                log(section=name, skipped="time budget spent")
+                return None
+            try:
+                return fn(*a, **k)
+            except Exception as e:  # noqa: BLE001 - record it, go on with the rest
+                log(section=name, error=repr(e)[:600], tb=traceback.format_exc()[-1500:])
+                return None
+        return run
+    return deco
+
+
+def timer(cuda: bool):
+    """ms per call: triton's do_bench on CUDA, a median of perf_counter runs elsewhere."""
+    if cuda:
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=10, rep=50)
+
+    def cpu_ms(fn):
+        fn()
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(runs)
+    return cpu_ms
+
+
+def first_call_s(fn, cuda):
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return round(time.perf_counter() - t, 3)
+
+
+def env_info(device):
+    import triton
+
+    import clq_triton
+    from clq_triton.kernels import tuning
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(),
+                torch=torch.__version__, triton=triton.__version__,
+                clq_triton=clq_triton.__version__, commit=commit + ("+dirty" if dirty else ""),
+                autotune=tuning.autotune_enabled())
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=torch.cuda.get_device_name(), sms=p.multi_processor_count,
+                    capability=f"{p.major}.{p.minor}")
+    else:
+        info.update(device="cpu (Triton interpreter)" if os.environ.get("TRITON_INTERPRET")
+                    else "cpu (PyTorch references)")
+    return info
+
+
+MODES = ((4, 4, None), (4, 4, 128), (4, 4, 64), (4, 8, None), (4, 8, 128), (8, 8, None),
+         (8, 8, 128))  # (w_bits, a_bits, group)
+
+
+def mode_name(w, a, g):
+    return f"w{w}a{a}-" + (f"g{g}" if g else "pc")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--budget", type=float, default=270.0, help="seconds; later sections skip")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU allowed")
+    ap.add_argument("--autotune", action="store_true",
+                    help="also compare the shipped config table with autotuned configs")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        ap.error("no CUDA device: use --smoke for a dry run on CPU")
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    from clq_triton import QuantConfig, QuantLinear, patch
+    from clq_triton.kernels import tuning
+    from clq_triton.kernels._runtime import backend
+    from clq_triton.kernels.gemm import quant_matmul
+    from clq_triton.kernels.quantize import quantize_ref, quantize_weight_ref
+    from clq_triton.kernels.formats import pack_codes
+    from clq_triton.kernels.rotate_quantize import rotate_quantize
+
+    ms = timer(cuda)
+    info = env_info(dev)
+    log(section="env", **info)
+    m_big = 4096 if not args.smoke else 64
+    gemm_shapes = ([(m_big, 1152, 4608), (m_big, 4608, 1152), (m_big, 3072, 12288),
+                    (m_big, 12288, 3072)] if not args.smoke else [(64, 256, 128)])
+    sec = lambda name: section(name, args.budget)  # noqa: E731
+
+    @sec("correctness")
+    def correctness():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        m, k, n = (333, 1152, 640) if not args.smoke else (37, 256, 48)
+        for xdt in ((torch.bfloat16, torch.float16, torch.float32) if cuda else (dtype,)):
+            x = (torch.randn(m, k, generator=g) * 2)
+            x[:, 5] *= 40  # an outlier channel
+            x = x.to(xdt).to(dev)
+            perm = torch.randperm(k, generator=g).to(dev)
+            for block in (None, 16, 64, 128, 256 if k % 256 == 0 else 128, 512 if k % 512 == 0
+                          else 64):
+                for group in (None, 64, 128):
+                    for bits in (4, 8):
+                        q, s = rotate_quantize(x, perm, block, group, bits)
+                        with backend("torch"):
+                            qr, sr = rotate_quantize(x, perm, block, group, bits)
+                        log(section="correctness", op="rotate_quantize", dtype=str(xdt)[6:],
+                            block=block, group=group, bits=bits,
+                            bytes_equal=round((q == qr).float().mean().item(), 5),
+                            scale_max_rel=float(((s - sr).abs() / sr.abs().clamp_min(1e-30))
+                                                .nan_to_num().max()))
+        x = torch.randn(m, k, generator=g)
+        w = torch.randn(n, k, generator=g)
+        bias = torch.randn(n, generator=g)
+        for wb, ab, group in MODES:
+            xc, xs = quantize_ref(x, group, ab)
+            wc, ws, wz = quantize_weight_ref(w, group, wb)
+            ops = [t.to(dev) if t is not None else None
+                   for t in (pack_codes(xc, ab), xs, pack_codes(wc, wb), ws, wz, bias)]
+            y = quant_matmul(*ops, ab, wb, group, torch.float32)
+            with backend("torch"):
+                yr = quant_matmul(*[o.cpu() if o is not None else None for o in ops], ab, wb,
+                                  group, torch.float32)
+            log(section="correctness", op="quant_matmul", mode=mode_name(wb, ab, group),
+                max_rel=float((y.cpu() - yr).abs().max() / yr.abs().max()))
+        lin = nn.Linear(k, n).to(dev, dtype)
+        xx = torch.randn(m, k, generator=g).to(dev, dtype)
+        for wb, ab, group in MODES:
+            ql = QuantLinear.from_linear(lin, QuantConfig(w_bits=wb, a_bits=ab, group_size=group,
+                                                          hadamard_block=64),
+                                         perm=torch.randperm(k, generator=g).to(dev))
+            with torch.no_grad():
+                y = ql(xx).float()
+                with backend("torch"):
+                    yr = ql(xx).float()
+                ref = lin(xx).float()
+            log(section="correctness", op="QuantLinear", mode=mode_name(wb, ab, group),
+                triton_vs_torch=float((y - yr).norm() / yr.norm()),
+                vs_fp=float((y - ref).norm() / ref.norm()))
+
+    @sec("gemm")
+    def gemm():
+        for m, k, n in gemm_shapes:
+            flop = 2 * m * n * k
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            w = torch.randn(n, k, device=dev, dtype=dtype)
+            row = dict(section="gemm", M=m, K=k, N=n, bf16_ms=ms(lambda: x @ w.T))
+            if cuda and torch.cuda.get_device_capability() >= (8, 9):
+                a8 = x.to(torch.float8_e4m3fn)
+                b8 = w.to(torch.float8_e4m3fn).T
+                sa = torch.rand(m, 1, device=dev)
+                sb = torch.rand(1, n, device=dev)
+                row["fp8_scaled_mm_ms"] = ms(lambda: torch._scaled_mm(
+                    a8, b8, sa, sb, out_dtype=torch.bfloat16))
+            try:
+                ai = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
+                bi = torch.randint(-127, 128, (k, n), device=dev, dtype=torch.int8)
+                row["int_mm_ms"] = ms(lambda: torch._int_mm(ai, bi))
+            except RuntimeError as e:
+                row["int_mm_error"] = str(e)[:100]
+            for wb, ab, group in MODES:
+                xc, xs = quantize_ref(torch.randn(m, k, device=dev), group, ab)
+                wc, ws, wz = quantize_weight_ref(torch.randn(n, k, device=dev), group, wb)
+                xq, wq = pack_codes(xc, ab), pack_codes(wc, wb)
+                fn = lambda: quant_matmul(xq, xs, wq, ws, wz, None, ab, wb, group, dtype)  # noqa
+                name = mode_name(wb, ab, group)
+                row[f"{name}_first_s"] = first_call_s(fn, cuda)
+                row[f"{name}_ms"] = ms(fn)
+                if args.autotune and cuda:
+                    tuning.set_autotune(True)
+                    try:
+                        first_call_s(fn, cuda)  # tunes this shape
+                        row[f"{name}_autotuned_ms"] = ms(fn)
+                    finally:
+                        tuning.set_autotune(False)
+            for key in [k_ for k_ in row if k_.endswith("_ms")]:
+                row[key[:-3] + "_tops"] = round(flop / row[key] / 1e9, 1)
+                row[key[:-3] + "_x_bf16"] = round(row["bf16_ms"] / row[key], 3)
+            log(**row)
+
+    @sec("rotate")
+    def rotate():
+        for m, k in sorted({(m, k) for m, k, _ in gemm_shapes}):
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            y = torch.empty_like(x)
+            copy_ms = ms(lambda: y.copy_(x))
+            row = dict(section="rotate", M=m, K=k,
+                       copy_GBps=round(2 * x.numel() * x.element_size() / copy_ms / 1e6, 1))
+            perm = torch.randperm(k, device=dev)
+            for block in (None, 64, 128):
+                for group in (None, 128, 64):
+                    fn = lambda: rotate_quantize(x, perm, block, group, 4)  # noqa: E731
+                    t = ms(fn)
+                    moved = x.numel() * x.element_size() + x.numel() // 2 + \
+                        m * (k // group if group else 1) * 4
+                    key = f"H{block or 0}-{'g%d' % group if group else 'pc'}"
+                    row[f"{key}_GBps"] = round(moved / t / 1e6, 1)
+                    row[f"{key}_of_copy"] = round(row[f"{key}_GBps"] / row["copy_GBps"], 3)
+            log(**row)
+
+    @sec("linear")
+    def linear():
+        for m, k, n in gemm_shapes:
+            lin = nn.Linear(k, n).to(dev, dtype)
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            with torch.no_grad():
+                row = dict(section="linear", M=m, K=k, N=n, linear_ms=ms(lambda: lin(x)))
+                for wb, ab, group in MODES:
+                    ql = QuantLinear.from_linear(lin, QuantConfig(
+                        w_bits=wb, a_bits=ab, group_size=group, hadamard_block=128))
+                    name = mode_name(wb, ab, group)
+                    row[f"{name}_ms"] = ms(lambda: ql(x))
+                    row[f"{name}_x_linear"] = round(row["linear_ms"] / row[f"{name}_ms"], 3)
+            log(**row)
+
+    @sec("pixart")
+    def pixart():
+        from diffusers import PixArtTransformer2DModel
+
+        if args.smoke:
+            cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2,
+                       sample_size=8, cross_attention_dim=64, caption_channels=32)
+            side, text = 8, 5
+        else:
+            cfg = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28,
+                       sample_size=128, cross_attention_dim=1152, caption_channels=4096)
+            side, text = 128, 120  # 128/2 = 64 → 4096 image tokens
+        torch.manual_seed(0)
+        fp = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **cfg)
+        fp = fp.to(dev, dtype).eval()
+        inputs = dict(
+            hidden_states=torch.randn(1, 4, side, side, device=dev, dtype=dtype),
+            encoder_hidden_states=torch.randn(1, text, cfg["caption_channels"], device=dev,
+                                              dtype=dtype),
+            timestep=torch.tensor([500], device=dev),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+        def measure(model, name):
+            with torch.no_grad():
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                first = first_call_s(lambda: model(**inputs), cuda)
+                t = ms(lambda: model(**inputs))
+                out = model(**inputs)[0].float()
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+            return out, dict(name=name, ms=t, first_call_s=first, peak_MiB=peak)
+
+        ref, row = measure(fp, "fp")
+        log(section="pixart", tokens=(side // 2) ** 2, blocks=cfg["num_layers"], **row)
+        import copy
+
+        for bits, group in (("w4a4", None), ("w4a4", 128), ("w8a8", None)):
+            q = copy.deepcopy(fp)
+            report = patch(q, QuantConfig.from_bits(bits, group_size=group), progress=False)
+            out, r = measure(q, f"{bits}-{'g%d' % group if group else 'pc'}")
+            r["x_fp"] = round(row["ms"] / r["ms"], 3)
+            r["rel_err_vs_fp"] = float((out - ref).norm() / ref.norm())
+            r["weight_ratio"] = round(report.weight_ratio, 4)
+            log(section="pixart", **r)
+            del q
+
+    for fn in (correctness, gemm, rotate, linear, pixart):
+        fn()
+    write(args.out, info)
+
+
+def write(out_dir, info):
+    os.makedirs(out_dir, exist_ok=True)
+    name = "".join(c if c.isalnum() else "-" for c in info["device"]).strip("-").lower()
+    stem = os.path.join(out_dir, f"gpu-check-{name}-{info['date']}")
+    with open(stem + ".json", "w") as f:
+        json.dump(LOG, f, indent=1)
+    lines = [f"# GPU check: {info['device']}, {info['date']}", "",
+             "Made by `python bench/gpu_check.py`; raw rows in the JSON beside this file.", "",
+             "| " + " | ".join(f"{k}: {v}" for k, v in info.items()) + " |", ""]
+    for sec_name in ("correctness", "gemm", "rotate", "linear", "pixart"):
+        rows = [r for r in LOG if r.get("section") == sec_name]
+        if not rows:
+            continue
+        keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("section", "t")))
+        lines += [f"## {sec_name}", "", "| " + " | ".join(keys) + " |",
+                  "|" + "---|" * len(keys)]
+        for r in rows:
+            lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+        lines.append("")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines))
+    out_env = os.environ.get("OUT")
+    if out_env and os.path.isdir(out_env) and os.path.abspath(out_env) != os.path.abspath(out_dir):
+        for ext in (".json", ".md"):
+            with open(stem + ext) as src, open(os.path.join(out_env, os.path.basename(stem) + ext),
+                                               "w") as dst:
+                dst.write(src.read())
+    print(f"wrote {stem}.json and .md", flush=True)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+if __name__ == "__main__":
+    main()
