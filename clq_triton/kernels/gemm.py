@@ -21,6 +21,8 @@ group; the weight's float scale stays in the epilogue.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -218,7 +220,10 @@ def quant_matmul(
     out_dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W{w_bits}A{a_bits} GEMM; see the module docstring for layouts. Returns y [M, N]."""
+    """W{w_bits}A{a_bits} GEMM; see the module docstring for layouts. Returns y [M, N].
+
+    Without ``out`` this calls the operator ``torch.ops.clq_triton.quant_matmul``; ``out`` =
+    a preallocated contiguous [M, N] tensor of ``out_dtype`` to write into (eager only)."""
     check_bit_pair(w_bits, a_bits)
     if xq.dim() != 2 or wq.dim() != 2:
         raise ValueError(f"xq and wq must be 2-D, got {tuple(xq.shape)} and {tuple(wq.shape)}")
@@ -247,14 +252,40 @@ def quant_matmul(
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     check_same_device(xq=xq, xs=xs, wq=wq, ws=ws, wz=wz, bias=bias, out=out)
-    if out is not None:
-        check_out("out", out, (m, n), out_dtype, xq.device)
+    if out is None:
+        return torch.ops.clq_triton.quant_matmul(xq, xs, wq, ws, wz, bias, a_bits, w_bits,
+                                                 group_size, out_dtype)
+    check_out("out", out, (m, n), out_dtype, xq.device)
+    _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out)
+    return out
+
+
+@torch.library.custom_op("clq_triton::quant_matmul", mutates_args=())
+def quant_matmul_op(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                    wz: Optional[torch.Tensor], bias: Optional[torch.Tensor], a_bits: int,
+                    w_bits: int, group_size: Optional[int],
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """The PyTorch operator ``torch.ops.clq_triton.quant_matmul`` (inputs validated by
+    :func:`quant_matmul`): opaque to torch.compile, capturable in CUDA graphs."""
+    c = torch.empty((xq.shape[0], wq.shape[0]), dtype=out_dtype, device=xq.device)
+    _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c)
+    return c
+
+
+@quant_matmul_op.register_fake
+def _(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out_dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+
+
+def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
+    """c = the GEMM of validated operands: the kernel, or the reference where it does not run."""
+    m, n = c.shape
+    k = logical_columns(a_bits, xq.shape[1])
     if not use_triton(xq):
-        y = quant_matmul_ref(xq, xs, wq, ws, wz, bias, a_bits, w_bits, out_dtype)
-        return out.copy_(y) if out is not None else y
-    c = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=xq.device)
+        c.copy_(quant_matmul_ref(xq, xs, wq, ws, wz, bias, a_bits, w_bits, c.dtype))
+        return
     if m == 0 or n == 0:
-        return c
+        return
     # the specialization contract (ALIGNED): copies only for odd views, never for our buffers
     a8, b8 = aligned(xq, rows=True).view(torch.int8), aligned(wq, rows=True).view(torch.int8)
     xs, ws, wz, bias = aligned(xs), aligned(ws), aligned(wz), aligned(bias)
@@ -270,4 +301,3 @@ def quant_matmul(
             **constexprs(a_bits, w_bits, group_size, cfg))
 
     launch(_config(xq, m, n, k, a_bits, w_bits, group_size, launch))
-    return c

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -294,6 +295,46 @@ def _check_channel_scale(channel_scale: torch.Tensor | None, k: int) -> None:
         raise ValueError("channel_scale must be contiguous")
 
 
+def _compute(x, perm, channel_scale, block, group_size, bits, clip, q, s) -> None:
+    """Write the codes and scales of x into q and s (validated inputs): the kernel, or the
+    PyTorch reference where the kernel does not run (see kernels._runtime)."""
+    if not use_triton(x):
+        xs = x.float() * channel_scale if channel_scale is not None else x
+        codes, scales = quantize_ref(rotate_ref(xs, perm, block), group_size, bits, clip)
+        q.copy_(pack_codes(codes, bits))
+        s.copy_(scales)
+    elif x.shape[0]:
+        # the specialization contract (ALIGNED): copies only for odd views
+        _launch(aligned(x, rows=True), aligned(perm.to(torch.int32)) if perm is not None else None,
+                block, group_size, bits, clip, q, s, aligned(channel_scale))
+
+
+def _output_shapes(x, group_size, bits):
+    m, k = x.shape
+    return (m, stored_columns(bits, k)), (m, n_groups(group_size, k))
+
+
+@torch.library.custom_op("clq_triton::rotate_quantize", mutates_args=())
+def rotate_quantize_op(x: torch.Tensor, perm: Optional[torch.Tensor],
+                       channel_scale: Optional[torch.Tensor], block: Optional[int],
+                       group_size: Optional[int], bits: int,
+                       clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch operator ``torch.ops.clq_triton.rotate_quantize`` (inputs validated by
+    :func:`rotate_quantize`): opaque to torch.compile, capturable in CUDA graphs."""
+    q_shape, s_shape = _output_shapes(x, group_size, bits)
+    q = torch.empty(q_shape, dtype=code_dtype(bits), device=x.device)
+    s = torch.empty(s_shape, dtype=torch.float32, device=x.device)
+    _compute(x, perm, channel_scale, block, group_size, bits, clip, q, s)
+    return q, s
+
+
+@rotate_quantize_op.register_fake
+def _(x, perm, channel_scale, block, group_size, bits, clip):
+    q_shape, s_shape = _output_shapes(x, group_size, bits)
+    return (x.new_empty(q_shape, dtype=code_dtype(bits)),
+            x.new_empty(s_shape, dtype=torch.float32))
+
+
 def rotate_quantize(
     x: torch.Tensor,
     perm: torch.Tensor | None,
@@ -308,42 +349,32 @@ def rotate_quantize(
     """Quantize the rotated activations x·D·S·H per token (per group, or per row when
     ``group_size`` is None).
 
-    x: [M, K] fp16/bf16/fp32, columns contiguous (rows may be strided); K a multiple of 64.
+    x: [M, K] fp16/bf16/fp32 (any strides); K a multiple of 64.
     perm: int32 [K] (S, a gather; see kernels.hadamard) or None. block: Hadamard block or None.
     channel_scale: float32 [K], the diagonal D (SmoothQuant-style multiplier), or None.
     Returns (q, scales):
       q: 4 bits → uint8 [M, K/2], split-halves packing (kernels.formats); 8 bits → int8 [M, K];
       scales: float32 [M, K/group_size] or [M, 1]; NaN for groups holding NaN/Inf.
-    ``out`` optionally gives preallocated (q, scales). ``check_perm_values=False`` skips the
-    check that ``perm`` is a permutation (it reads perm back: a device sync); only for a perm
-    validated before, as QuantLinear does.
+    Without ``out`` this calls the operator ``torch.ops.clq_triton.rotate_quantize``;
+    ``out`` = preallocated (q, scales) to write into (eager only). ``check_perm_values=False``
+    skips the check that ``perm`` is a permutation (it reads perm back: a device sync); only
+    for a perm validated before, as QuantLinear does.
     """
     check_float("x", x, ndim=2)
     check_bits("bits", bits)
-    m, k = x.shape
+    k = x.shape[1]
     check_k(k, group_size)
     check_block(block, k)
     check_perm(perm, k, values=check_perm_values)
     _check_channel_scale(channel_scale, k)
     check_same_device(x=x, perm=perm, channel_scale=channel_scale)
-    q_shape = (m, stored_columns(bits, k))
-    s_shape = (m, n_groups(group_size, k))
+    scale_multiplier(bits, clip)  # validates clip
     if out is None:
-        q = torch.empty(q_shape, dtype=code_dtype(bits), device=x.device)
-        s = torch.empty(s_shape, dtype=torch.float32, device=x.device)
-    else:
-        q, s = out
-        check_out("out[0]", q, q_shape, code_dtype(bits), x.device)
-        check_out("out[1]", s, s_shape, torch.float32, x.device)
-    if not use_triton(x):
-        xs = x.float() * channel_scale if channel_scale is not None else x
-        codes, scales = quantize_ref(rotate_ref(xs, perm, block), group_size, bits, clip)
-        q.copy_(pack_codes(codes, bits))
-        s.copy_(scales)
-        return q, s
-    if m:
-        # the specialization contract (ALIGNED): copies only for odd views
-        _launch(aligned(x, rows=True), aligned(perm.to(torch.int32)) if perm is not None else None,
-                block, group_size, bits, clip, q, s, aligned(channel_scale))
+        return torch.ops.clq_triton.rotate_quantize(x, perm, channel_scale, block, group_size,
+                                                    bits, float(clip))
+    q, s = out
+    q_shape, s_shape = _output_shapes(x, group_size, bits)
+    check_out("out[0]", q, q_shape, code_dtype(bits), x.device)
+    check_out("out[1]", s, s_shape, torch.float32, x.device)
+    _compute(x, perm, channel_scale, block, group_size, bits, clip, q, s)
     return q, s
-
