@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import os
 import platform
@@ -27,14 +28,14 @@ from clq_triton.images import psnr
 from clq_triton.toy.model import WEIGHTS_DIR, calibration_data, load_tiny_dit, sample
 from clq_triton.toy.shapes import N_CLASSES, accuracy, frechet_distance, image_features, real_features
 
-VARIANTS = {  # name → patch() keyword arguments
-    "RTN": dict(method="rtn"),
-    "SmoothQuant": dict(method="smoothquant"),
-    "QuaRot": dict(method="quarot"),
-    "CLQ": dict(method="clq"),
-    "CLQ w/o CBC": dict(method="clq", cbc=False),
-    "CLQ w/o OBS": dict(method="clq", obs=False),
-    "CLQ w/o CLPS": dict(method="clq", clps=False),
+VARIANTS = {  # name → method config (CLQ's CLPS grid is set from the command line)
+    "RTN": clq_triton.RTN(),
+    "SmoothQuant": clq_triton.SmoothQuant(),
+    "QuaRot": clq_triton.QuaRot(),
+    "CLQ": clq_triton.CLQ(),
+    "CLQ w/o CBC": clq_triton.CLQ(cbc=False),
+    "CLQ w/o OBS": clq_triton.CLQ(obs=False),
+    "CLQ w/o CLPS": clq_triton.CLQ(clps=False),
 }
 
 
@@ -58,8 +59,7 @@ def main():
     groups = [None if g.lower() == "none" else int(g) for g in args.groups]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    options = clq_triton.CalibrationOptions(w_clip_grid=tuple(args.w_clips),
-                                            a_clip_grid=tuple(args.a_clips))
+    grid = dict(w_clip_grid=tuple(args.w_clips), a_clip_grid=tuple(args.a_clips))
     fp, sched = load_tiny_dit(args.weights)
     fp = fp.to(device)
     labels = torch.arange(N_CLASSES).repeat(args.per_class)
@@ -81,8 +81,10 @@ def main():
             for name in args.methods:
                 model = copy.deepcopy(fp)
                 t0 = time.time()
-                clq_triton.patch(model, config, calibration=data, progress=False,
-                                 options=options, **VARIANTS[name])
+                method = VARIANTS[name]
+                if isinstance(method, clq_triton.CLQ):
+                    method = dataclasses.replace(method, **grid)
+                clq_triton.patch(model, config, method, data, progress=False)
                 calib_time = time.time() - t0
                 imgs, gen_time = evaluate(model)
                 mode = f"g{group}" if group else "per-channel"

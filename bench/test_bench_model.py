@@ -72,7 +72,7 @@ def test_memory_report(benchmark, info):
     """Weight bytes and (on CUDA) peak forward memory, FP vs W4A4."""
     fp, inputs = _pixart()
     q = copy.deepcopy(fp)
-    report = clq_triton.patch(q, bits="w4a4", progress=False)
+    report = clq_triton.patch(q, "w4a4", progress=False)
 
     def weight_bytes(m):
         return sum(t.numel() * t.element_size()

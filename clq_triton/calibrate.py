@@ -1,19 +1,17 @@
-"""Calibrated quantization: CLQ (CBC + OBS + CLPS) and the SmoothQuant baseline.
+"""Calibrated quantization (methods.Calibrated: CLQ, SmoothQuant), block by block.
 
 Blocks are processed in execution order. For block i:
 1. CBC: its recorded inputs come from running the model with blocks 0..i-1 already quantized
    (with ``cbc=False`` they come from the full-precision model).
 2. Per-channel max |x| of every Linear input in the block (full-precision block on those
-   inputs) gives the OBS permutation (or the SmoothQuant diagonal).
-3. CLPS: each Linear in turn (in module order, earlier ones already quantized) tries every
-   (w_clip, a_clip) on the grid and keeps the pair with the least squared error at the target:
-   the block's output vs the full-precision model's ("block"), the transformer's final
-   output ("output"), or the layer's own output ("layer", the local baseline).
+   inputs) gives the method's channel transform (CLQ's OBS permutation, SmoothQuant's D).
+3. CLPS (CLQ with ``clps``): each Linear in turn (in module order, earlier ones already
+   quantized) tries every (w_clip, a_clip) on the grid and keeps the pair with the least
+   squared error at the target: the block's output vs the full-precision model's ("block"),
+   the transformer's final output ("output"), or the layer's own output ("layer").
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,40 +20,9 @@ from tqdm.auto import tqdm
 from .blocks import block_inputs, block_outputs, find_blocks, output_tensors, run_block, run_model
 from .capture import CalibrationData
 from .config import QuantConfig
+from .methods import Calibrated
 from .quant_linear import QuantLinear
-from .smoothing import ChannelMax, outlier_permutation, smoothquant_scale
-
-CLPS_TARGETS = ("block", "output", "layer")
-
-
-@dataclass(frozen=True)
-class CalibrationOptions:
-    """Switches of the calibrated methods; the defaults are CLQ as in the paper.
-
-    cbc / obs / clps: ablation switches (CLQ only). ``obs=False`` means no rotation at all.
-    w_clip_grid / a_clip_grid: the CLPS grid; every pair is tried.
-    clps_target: "block" | "output" | "layer" (see the module docstring).
-    smooth_alpha: SmoothQuant's migration strength.
-    """
-
-    cbc: bool = True
-    obs: bool = True
-    clps: bool = True
-    w_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
-    a_clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8)
-    clps_target: str = "block"
-    smooth_alpha: float = 0.5
-
-    def __post_init__(self):
-        if self.clps_target not in CLPS_TARGETS:
-            raise ValueError(f"clps_target must be one of {CLPS_TARGETS}, got {self.clps_target!r}")
-        for v in (*self.w_clip_grid, *self.a_clip_grid):
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"clip ratios must be in (0, 1], got {v!r}")
-
-    def replace(self, **changes) -> "CalibrationOptions":
-        return replace(self, **changes)
-
+from .smoothing import ChannelMax
 
 def _sq_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return sum(float((g.float().cpu() - w.float()).pow(2).sum()) for g, w in zip(got, want))
@@ -71,12 +38,11 @@ def calibrate(
     model: nn.Module,
     data: CalibrationData,
     layers: list[tuple[str, nn.Linear, QuantConfig]],
-    method: str,
-    options: CalibrationOptions,
+    method: Calibrated,
     progress: bool = True,
 ) -> dict[str, QuantLinear]:
-    """Quantize ``layers`` (name, Linear, its config from ``patch.layer_config``) of ``model``
-    in place with ``method`` ("clq" or "smoothquant"); returns name → installed QuantLinear."""
+    """Quantize ``layers`` (name, Linear, its config from ``method.layer_config``) of
+    ``model`` in place with ``method``; returns name → installed QuantLinear."""
     if not len(data):
         raise ValueError("calibration data is empty")
     device = next(model.parameters()).device
@@ -87,13 +53,14 @@ def calibrate(
     outside = [n for n, _, _ in layers if n not in in_blocks]
     if outside:
         raise ValueError(f"calibrated methods quantize layers inside blocks only; outside: {outside}")
-    search = method == "clq" and options.clps
+    search = method.search
+    target = method.clps_target if search else None
     fp_outs = fp_final = None
-    if search and options.clps_target != "layer":
+    if target in ("block", "output"):
         fp_outs, fp_final = block_outputs(model, [b for _, b in blocks], data, device)
     done: dict[str, QuantLinear] = {}
     pending: list[tuple[str, QuantLinear]] = []
-    for bi, (bname, block) in enumerate(tqdm(blocks, desc=f"calibrate {method}",
+    for bi, (bname, block) in enumerate(tqdm(blocks, desc=f"calibrate {method.name}",
                                              disable=not progress)):
         todo = by_block[bname]
         if not todo:
@@ -102,7 +69,7 @@ def calibrate(
         stats = ChannelMax({n: lin for n, lin, _ in todo})
         layer_x: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in todo}
         grab = [lin.register_forward_pre_hook(lambda m, a, n=n: layer_x[n].append(a[0].cpu()))
-                for n, lin, _ in todo] if search and options.clps_target == "layer" else []
+                for n, lin, _ in todo] if target == "layer" else []
         try:
             for call in calls:
                 run_block(block, call, device)
@@ -112,7 +79,7 @@ def calibrate(
                 h.remove()
 
         def target_error() -> float:
-            if options.clps_target == "block":  # fetched by name: the block may be the layer
+            if target == "block":  # fetched by name: the block may be the layer
                 current = model.get_submodule(bname)
                 return sum(_sq_err(run_block(current, c, device), fp_outs[bi][s])
                            for s, c in enumerate(calls))
@@ -120,20 +87,16 @@ def calibrate(
                        for s, smp in enumerate(data.samples))
 
         for name, lin, cfg in todo:
-            perm = cs = None  # cfg already says whether the layer is rotated (layer_config)
-            if method == "smoothquant":
-                cs = smoothquant_scale(stats.amax[name], lin.weight, options.smooth_alpha)
-            elif cfg.hadamard_block is not None:
-                perm = outlier_permutation(stats.amax[name], cfg.hadamard_block)
+            perm, cs = method.channel_transform(stats.amax[name], lin, cfg)
             if not search:
                 q = QuantLinear.from_linear(lin, cfg, perm, cs)
-            elif options.clps_target == "layer":
-                q = _search_layer(lin, cfg, perm, layer_x[name], options, device)
+            elif target == "layer":
+                q = _search_layer(lin, cfg, perm, cs, layer_x[name], method, device)
             else:
-                q = _search(model, name, lin, cfg, perm, options, target_error)
+                q = _search(model, name, lin, cfg, perm, cs, method, target_error)
             set_submodule(model, name, q)
             done[name] = q
-        if not options.cbc:  # later blocks must see full-precision inputs: install at the end
+        if not method.cbc:  # later blocks must see full-precision inputs: install at the end
             for name, lin, _ in todo:
                 pending.append((name, done[name]))
                 set_submodule(model, name, lin)
@@ -142,35 +105,35 @@ def calibrate(
     return done
 
 
-def _best_clips(lin, cfg, perm, options, error) -> QuantLinear:
+def _best_clips(lin, cfg, perm, cs, method, error) -> QuantLinear:
     """Try every (w_clip, a_clip) on the grid; ``error(q)`` scores a candidate QuantLinear.
     Returns the layer quantized with the best pair (ties keep the earlier pair)."""
     best = (float("inf"), 1.0, 1.0)
-    for wc in options.w_clip_grid:
-        q = QuantLinear.from_linear(lin, cfg.replace(w_clip=wc), perm)
-        for ac in options.a_clip_grid:
+    for wc in method.w_clip_grid:
+        q = QuantLinear.from_linear(lin, cfg.replace(w_clip=wc), perm, cs)
+        for ac in method.a_clip_grid:
             q.config = cfg.replace(w_clip=wc, a_clip=ac)
             err = error(q)
             if err < best[0]:
                 best = (err, wc, ac)
-    return QuantLinear.from_linear(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), perm)
+    return QuantLinear.from_linear(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), perm, cs)
 
 
-def _search(model, name, lin, cfg, perm, options, target_error) -> QuantLinear:
+def _search(model, name, lin, cfg, perm, cs, method, target_error) -> QuantLinear:
     """CLPS at a downstream target: the candidate is installed, the model/block replayed."""
     def error(q):
         set_submodule(model, name, q)
         return target_error()
 
     try:
-        return _best_clips(lin, cfg, perm, options, error)
+        return _best_clips(lin, cfg, perm, cs, method, error)
     finally:
         set_submodule(model, name, lin)
 
 
-def _search_layer(lin, cfg, perm, xs, options, device) -> QuantLinear:
+def _search_layer(lin, cfg, perm, cs, xs, method, device) -> QuantLinear:
     """The local baseline: error at the layer's own output on its recorded inputs."""
     with torch.no_grad():
         want = [lin(x.to(device)) for x in xs]
-        return _best_clips(lin, cfg, perm, options,
+        return _best_clips(lin, cfg, perm, cs, method,
                            lambda q: _sq_err([q(x.to(device)) for x in xs], want))

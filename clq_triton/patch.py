@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import CalibrationOptions, calibrate, set_submodule
+from .calibrate import calibrate, set_submodule
 from .capture import CalibrationData
 from .config import QuantConfig
 from .kernels.formats import check_k
+from .methods import Method, method_config
 from .quant_linear import QuantLinear
 
 log = logging.getLogger("clq_triton")
@@ -25,10 +27,12 @@ DEFAULT_EXCLUDE = (r"(^|\.)norm[^.]*\.", r"emb")
 
 @dataclass
 class PatchReport:
-    """What patch() did: the layers it quantized and the ones it left, with the reason."""
+    """What patch() did: the method, the layers it quantized and the ones it left, with why."""
 
+    method: Method | None = None
+    config: QuantConfig | None = None
     quantized: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name → reason
     fp_weight_bytes: int = 0  # bf16 bytes of the quantized layers' weights
     quant_weight_bytes: int = 0  # their packed codes + scales
 
@@ -37,19 +41,15 @@ class PatchReport:
         return self.quant_weight_bytes / self.fp_weight_bytes if self.fp_weight_bytes else 1.0
 
     def __str__(self) -> str:
-        return (f"quantized {len(self.quantized)} Linear layers, skipped {len(self.skipped)}; "
-                f"their weights: {self.fp_weight_bytes / 2**20:.2f} MiB bf16 → "
-                f"{self.quant_weight_bytes / 2**20:.2f} MiB ({self.weight_ratio:.3f}×)")
+        head = f"{self.method.name} {self.config.name}: " if self.method and self.config else ""
+        return (f"{head}quantized {len(self.quantized)} Linear layers, skipped "
+                f"{len(self.skipped)}; their weights: {self.fp_weight_bytes / 2**20:.2f} MiB "
+                f"bf16 → {self.quant_weight_bytes / 2**20:.2f} MiB ({self.weight_ratio:.3f}×)")
 
-
-def fit_hadamard_block(k: int, block: int | None) -> int | None:
-    """The largest power of two <= ``block`` that divides K (None if below 16)."""
-    if block is None:
-        return None
-    b = block
-    while b >= 16 and k % b:
-        b //= 2
-    return b if b >= 16 else None
+    def summary(self) -> str:
+        """str(self), then one line per skipped layer with the reason."""
+        return "\n".join([str(self)] + [f"  kept in full precision: {n} ({why})"
+                                         for n, why in self.skipped.items()])
 
 
 def _inside_block_list(name: str, model: nn.Module) -> bool:
@@ -88,31 +88,12 @@ def eligible_linears(
     return out
 
 
-METHODS = ("clq", "smoothquant", "quarot", "rtn", "hadamard")
-CALIBRATED = ("clq", "smoothquant")
-
-
-def layer_config(method: str, config: QuantConfig, k: int, obs: bool = True) -> QuantConfig:
-    """The config one layer of input size K gets under ``method`` (before calibration); the
-    one place that decides whether, and with which block, a layer is rotated."""
-    if method in ("rtn", "smoothquant") or (method == "clq" and not obs):
-        return config.replace(hadamard_block=None)
-    if method == "quarot":  # the widest power-of-two Hadamard that divides K
-        return config.replace(hadamard_block=fit_hadamard_block(k, 1 << (k.bit_length() - 1)))
-    return config.replace(hadamard_block=fit_hadamard_block(k, config.hadamard_block))
-
-
 def patch(
     model: nn.Module,
-    config: QuantConfig | None = None,
-    *,
-    bits: str | None = None,
-    method: str | None = None,
+    config: QuantConfig | str = "w4a4",
+    method: Method | str | None = None,
     calibration: CalibrationData | None = None,
-    cbc: bool = True,
-    obs: bool = True,
-    clps: bool = True,
-    options: CalibrationOptions | None = None,
+    *,
     include: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     blocks_only: bool = True,
@@ -121,56 +102,60 @@ def patch(
 ) -> PatchReport:
     """Quantize ``model`` in place: every eligible nn.Linear becomes a QuantLinear.
 
-    config: a QuantConfig; or ``bits="w4a4" | "w4a8" | "w8a8"`` for the defaults.
-    method:
-      "clq"         CBC + OBS (permutation + block Hadamard) + CLPS; needs ``calibration``
-      "smoothquant" per-channel smoothing (``options.smooth_alpha``); needs ``calibration``
-      "quarot"      widest power-of-two Hadamard dividing K, no permutation, no search
-      "rtn"         round-to-nearest, no rotation
-      "hadamard"    round-to-nearest after the config's block Hadamard (data-free default)
-    Default: "clq" when ``calibration`` is given, else "hadamard".
-    cbc / obs / clps: CLQ ablation switches (shorthand for the same fields of ``options``).
-    calibration: from :func:`clq_triton.capture_calibration` or CalibrationData.from_inputs.
-    Layers whose K is not a multiple of 64 and of the group size stay in full precision (log line),
-    or raise ValueError when ``strict``. Returns a PatchReport.
+    config: a QuantConfig, or "w4a4" | "w4a8" | "w8a8" for its defaults.
+    method: a method config from :mod:`clq_triton.methods` — ``CLQ(...)``,
+      ``SmoothQuant(alpha)``, ``QuaRot()``, ``RTN()``, ``Hadamard()`` — or its name for the
+      defaults. Default: ``CLQ()`` when ``calibration`` is given, else ``Hadamard()``.
+    calibration: from :func:`clq_triton.capture_calibration` or CalibrationData.from_inputs;
+      needed by CLQ and SmoothQuant.
+    include / exclude / blocks_only: which layers (see :func:`eligible_linears`).
+    Layers whose K is not a multiple of 64 and of the group size stay in full precision,
+    listed in ``PatchReport.skipped`` with a warning (``strict=True`` raises instead).
     """
-    if config is None:
-        config = QuantConfig.from_bits(bits or "w4a4")
-    elif bits is not None and bits.lower() != config.name:
-        raise ValueError(f"bits={bits!r} contradicts config ({config.name})")
-    method = method or ("clq" if calibration is not None else "hadamard")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method in CALIBRATED and calibration is None:
-        raise ValueError(f"method={method!r} needs calibration data "
+    if isinstance(config, str):
+        config = QuantConfig.from_bits(config)
+    method = method_config(method, calibration is not None)
+    if method.calibrated and calibration is None:
+        raise ValueError(f"method {method.name!r} needs calibration data "
                          "(clq_triton.capture_calibration(...))")
-    options = (options or CalibrationOptions()).replace(cbc=cbc, obs=obs, clps=clps)
-    report = PatchReport()
+    report = PatchReport(method=method, config=config)
     todo = []
     for name, lin in eligible_linears(model, include, exclude, blocks_only):
         k = lin.in_features
         try:
             check_k(k, config.group_size)
         except ValueError as e:
-            reason = str(e)
             if strict:
-                raise ValueError(f"{name}: {reason}")
-            log.info("clq_triton: keeping %s in full precision: %s", name, reason)
-            report.skipped[name] = reason
+                raise ValueError(f"{name}: {e}") from None
+            report.skipped[name] = str(e)
             continue
-        todo.append((name, lin, layer_config(method, config, k, options.obs)))
-    if not todo:
-        log.warning("patch(): no eligible nn.Linear found in %s", type(model).__name__)
-    if method in CALIBRATED:
-        quantized = calibrate(model, calibration, todo, method, options, progress)
+        todo.append((name, lin, method.layer_config(config, k)))
+    if report.skipped:
+        shown = ", ".join(f"{n} ({why})" for n, why in list(report.skipped.items())[:5])
+        more = len(report.skipped) - 5
+        warnings.warn(f"clq_triton.patch kept {len(report.skipped)} Linear layer(s) in full "
+                      f"precision: {shown}{f' and {more} more' if more > 0 else ''}; the list "
+                      "is in PatchReport.skipped", stacklevel=2)
+    if not todo and not report.skipped:
+        hint = ("; pass blocks_only=False to quantize every nn.Linear of the model"
+                if blocks_only and not _has_block_list(model) else "")
+        warnings.warn(f"clq_triton.patch found no eligible nn.Linear in "
+                      f"{type(model).__name__}: nothing was quantized{hint}", stacklevel=2)
+    if method.calibrated:
+        quantized = calibrate(model, calibration, todo, method, progress)
     else:
         quantized = {}
         for name, lin, cfg in tqdm(todo, desc=f"quantize {config.name}", disable=not progress):
             quantized[name] = QuantLinear.from_linear(lin, cfg)
             set_submodule(model, name, quantized[name])
+    model._clq_patch = {"method": method.to_dict(), "config": config.to_dict()}  # for saving
     for name, lin, _ in todo:
         report.quantized.append(name)
         report.fp_weight_bytes += lin.weight.numel() * 2
         report.quant_weight_bytes += quantized[name].weight_nbytes()
-    log.info("clq_triton: %s (%s)", report, method)
+    log.info("clq_triton: %s", report)
     return report
+
+
+def _has_block_list(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.ModuleList) for m in model.modules())

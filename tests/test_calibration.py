@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import clq_triton
-from clq_triton import CalibrationData, CalibrationOptions, QuantConfig, QuantLinear
+from clq_triton import CLQ, CalibrationData, QuantConfig, QuantLinear, SmoothQuant
 from clq_triton.blocks import block_inputs, find_blocks, output_tensors, run_model
 from clq_triton.kernels.hadamard import rotate_ref
 from clq_triton.smoothing import outlier_permutation
@@ -85,9 +85,9 @@ def test_cbc_inputs_differ_from_fp_and_result_no_worse(pipe_and_data):
     blocks = [b for _, b in find_blocks(fp, data.samples[0], "cpu")]
     fp_in = block_inputs(fp, blocks[1], data, "cpu")
     cbc = copy.deepcopy(fp)
-    clq_triton.patch(cbc, bits="w4a4", calibration=data, progress=False)
+    clq_triton.patch(cbc, "w4a4", CLQ(), data, progress=False)
     no_cbc = copy.deepcopy(fp)
-    clq_triton.patch(no_cbc, bits="w4a4", calibration=data, cbc=False, progress=False)
+    clq_triton.patch(no_cbc, "w4a4", CLQ(cbc=False), data, progress=False)
     # block 1 of the CBC model is fed by quantized block 0: its inputs are not the FP ones
     q_in = block_inputs(cbc, dict(cbc.named_modules())["transformer_blocks.1"], data, "cpu")
     assert not torch.equal(q_in[0][0][0], fp_in[0][0][0])
@@ -139,10 +139,9 @@ def test_obs_beats_rtn_and_full_hadamard_on_planted_outliers(gen):
         xs.append(dict(x=x))
     data = CalibrationData.from_inputs(xs)
     errs = {}
-    for name, kw in {"rtn": dict(method="rtn"), "quarot": dict(method="quarot"),
-                     "obs": dict(method="clq", clps=False)}.items():
+    for name, method in {"rtn": "rtn", "quarot": "quarot", "obs": CLQ(clps=False)}.items():
         m = copy.deepcopy(model)
-        clq_triton.patch(m, QuantConfig(hadamard_block=64), calibration=data, progress=False, **kw)
+        clq_triton.patch(m, QuantConfig(hadamard_block=64), method, data, progress=False)
         errs[name] = model_error(m, model, data)
     print("planted-outlier layer, W4A4 error:", {k: round(v, 4) for k, v in errs.items()})
     assert errs["obs"] < errs["quarot"] < errs["rtn"]
@@ -155,15 +154,16 @@ def test_clps_lowers_downstream_error(pipe_and_data):
     pipe, data = pipe_and_data
     fp = pipe.transformer
     errs, chosen = {}, {}
-    for name, kw in {"clps": {}, "none": dict(clps=False)}.items():
+    for name, method in {"clps": CLQ(), "none": CLQ(clps=False)}.items():
         m = copy.deepcopy(fp)
-        clq_triton.patch(m, bits="w4a4", calibration=data, progress=False, **kw)
+        clq_triton.patch(m, "w4a4", method, data, progress=False)
         errs[name] = model_error(m, fp, data)
         chosen[name] = {(q.config.w_clip, q.config.a_clip) for q in m.modules()
                         if isinstance(q, QuantLinear)}
     print(f"W4A4 output error: CLPS {errs['clps']:.4f}, no search {errs['none']:.4f}; "
           f"chosen clips {sorted(chosen['clps'])}")
     assert chosen["clps"] != {(1.0, 1.0)}
+    assert chosen["none"] == {(1.0, 1.0)}  # CLQ(clps=False) really runs no search
     assert errs["clps"] < errs["none"]
 
 
@@ -173,8 +173,7 @@ def test_clps_block_target_beats_layer_target(pipe_and_data):
     errs = {}
     for target in ("block", "layer"):
         m = copy.deepcopy(fp)
-        clq_triton.patch(m, bits="w4a4", calibration=data, progress=False,
-                         options=CalibrationOptions(clps_target=target))
+        clq_triton.patch(m, "w4a4", CLQ(clps_target=target), data, progress=False)
         errs[target] = model_error(m, fp, data)
     print(f"W4A4 output error by CLPS target: {errs}")
     assert errs["block"] < errs["layer"]
@@ -190,12 +189,11 @@ def test_every_method_runs_in_the_pipeline(bits):
                                           progress=False)
     fp_images = sample(pipe, [4], steps=2)
     fp = pipe.transformer
-    for method in clq_triton.METHODS:
+    for name, cls in clq_triton.METHODS.items():
+        method = cls(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9)) if cls is CLQ else name
         pipe.transformer = copy.deepcopy(fp)
-        report = clq_triton.patch(pipe.transformer, bits=bits, method=method, calibration=data,
-                                  progress=False,
-                                  options=CalibrationOptions(w_clip_grid=(1.0, 0.9),
-                                                             a_clip_grid=(1.0, 0.9)))
+        report = clq_triton.patch(pipe.transformer, bits, method, data, progress=False)
+        assert report.method.name == name
         assert len(report.quantized) == 6
         images = sample(pipe, [4], steps=2)
         assert images.shape == fp_images.shape and np.isfinite(images).all()
@@ -206,56 +204,16 @@ def test_calibration_errors():
     model = planted_dit(0, layers=1)
     with pytest.raises(ValueError, match="needs calibration data"):
         clq_triton.patch(model, method="clq", progress=False)
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="needs calibration data"):
+        clq_triton.patch(model, method=SmoothQuant(alpha=0.7), progress=False)
+    with pytest.raises(ValueError, match="method must be a clq_triton method config or one"):
         clq_triton.patch(model, method="gptq", progress=False)
     with pytest.raises(ValueError, match="clps_target"):
-        CalibrationOptions(clps_target="deep")
+        CLQ(clps_target="deep")
     with pytest.raises(ValueError, match="clip ratios"):
-        CalibrationOptions(a_clip_grid=(1.2,))
-
-
-# ---------------------------------------------------------------- save / load
-
-
-def test_save_load_bit_identical(pipe_and_data, tmp_path):
-    pipe, data = pipe_and_data
-    model = copy.deepcopy(pipe.transformer)
-    clq_triton.patch(model, bits="w4a8", calibration=data, progress=False,
-                     options=CalibrationOptions(w_clip_grid=(1.0, 0.85), a_clip_grid=(1.0, 0.9)))
-    clq_triton.save_quantized(model, str(tmp_path))
-    want = [output_tensors(run_model(model, s, "cpu"))[0] for s in data.samples]
-    for target in (copy.deepcopy(pipe.transformer), type(pipe.transformer)):
-        loaded = clq_triton.load_quantized(target, str(tmp_path)).eval()
-        got = [output_tensors(run_model(loaded, s, "cpu"))[0] for s in data.samples]
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
-        layers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
-        assert len(layers) == 12 and all(q.perm is not None for q in layers)
-
-
-def test_load_into_mismatched_model_is_clear(pipe_and_data, tmp_path, gen):
-    pipe, data = pipe_and_data
-    model = copy.deepcopy(pipe.transformer)
-    clq_triton.patch(model, bits="w4a4", progress=False)
-    clq_triton.save_quantized(model, str(tmp_path))
-    with pytest.raises(ValueError, match="checkpoint is for DiTTransformer2DModel"):
-        clq_triton.load_quantized(MODELS["pixart"](gen)[0], str(tmp_path))
-    with pytest.raises(ValueError, match="does not exist|does not match"):
-        clq_triton.load_quantized(planted_dit(0, layers=1), str(tmp_path))
-    with pytest.raises(ValueError, match="no QuantLinear"):
-        clq_triton.save_quantized(planted_dit(0, layers=1), str(tmp_path))
-
-
-def test_load_of_a_format_1_checkpoint_is_refused_clearly(pipe_and_data, tmp_path):
-    import json
-
-    model = copy.deepcopy(pipe_and_data[0].transformer)
-    clq_triton.patch(model, bits="w4a4", progress=False)
-    clq_triton.save_quantized(model, str(tmp_path))
-    meta = json.loads((tmp_path / "clq_config.json").read_text())
-    meta["format"] = 1
-    (tmp_path / "clq_config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="clq_config.json: clq checkpoint format 1.*again"):
-        clq_triton.load_quantized(type(model), str(tmp_path))
+        CLQ(a_clip_grid=(1.2,))
+    with pytest.raises(ValueError, match="alpha"):
+        SmoothQuant(alpha=1.5)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -266,9 +224,8 @@ def test_clq_calibrates_every_architecture(name, gen):
     _, inputs2 = MODELS[name](gen)
     data = CalibrationData.from_inputs([inputs, inputs2])
     fp = copy.deepcopy(model)
-    report = clq_triton.patch(model, bits="w4a4", calibration=data, progress=False,
-                              options=CalibrationOptions(w_clip_grid=(1.0, 0.9),
-                                                         a_clip_grid=(1.0, 0.9)))
+    report = clq_triton.patch(model, "w4a4", CLQ(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9)),
+                              data, progress=False)
     assert report.quantized and not report.skipped
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in report.quantized)
     assert all(model.get_submodule(n).perm is not None for n in report.quantized)

@@ -1,4 +1,3 @@
-import logging
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ def test_patch_diffusers_transformer_runs(name, device, gen):
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     with torch.no_grad():
         ref = output(model, inputs)
-        report = clq_triton.patch(model, bits="w4a4", progress=False)
+        report = clq_triton.patch(model, "w4a4", progress=False)
         got = output(model, inputs)
     print(f"{name}: {report}")
     assert report.quantized and not report.skipped
@@ -42,28 +41,43 @@ class _Toy(nn.Module):
         return self.blocks[0](self.embed(x))
 
 
-def test_patch_skips_bad_k_with_log_and_strict_raises(caplog):
+def test_patch_skips_bad_k_with_one_warning_and_strict_raises():
     model = _Toy()
-    with caplog.at_level(logging.INFO, logger="clq_triton"):
+    with pytest.warns(UserWarning, match=r"kept 1 Linear layer\(s\) in full precision: "
+                                         r"blocks.0.3 \(K=48 is not a positive multiple of 64\)"):
         report = clq_triton.patch(model, QuantConfig(group_size=64), progress=False)
     assert report.quantized == ["blocks.0.0", "blocks.0.2"]
-    assert "blocks.0.3" in report.skipped and "K=48 is not a positive multiple of 64" in caplog.text
+    assert report.skipped == {"blocks.0.3": "K=48 is not a positive multiple of 64"}
+    assert "kept in full precision: blocks.0.3" in report.summary()
     assert type(model.embed) is nn.Linear  # outside the block list
     with pytest.raises(ValueError, match="blocks.0.3: K=48"):
         clq_triton.patch(_Toy(), QuantConfig(group_size=64), strict=True, progress=False)
 
 
+def test_patch_on_a_model_without_block_list_says_how_to_quantize_anyway():
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match="no eligible nn.Linear.*blocks_only=False"):
+        report = clq_triton.patch(model, progress=False)
+    assert not report.quantized
+    report = clq_triton.patch(model, blocks_only=False, progress=False)
+    assert report.quantized == ["0", "2"]
+
+
 def test_patch_shrinks_hadamard_block_to_divide_k():
     model = _Toy()
-    clq_triton.patch(model, QuantConfig(group_size=None, hadamard_block=256), progress=False)
+    with pytest.warns(UserWarning, match="blocks.0.3"):
+        clq_triton.patch(model, QuantConfig(group_size=None, hadamard_block=256), progress=False)
     assert model.blocks[0][0].config.hadamard_block == 64
     assert model.blocks[0][2].config.hadamard_block == 128
     assert type(model.blocks[0][3]) is nn.Linear  # K=48 is not a multiple of 64
 
 
-def test_patch_include_and_bits_conflict():
+def test_patch_include_and_config_forms():
     model = _Toy()
     report = clq_triton.patch(model, include=(r"blocks\.0\.0$",), progress=False)
     assert report.quantized == ["blocks.0.0"]
-    with pytest.raises(ValueError, match="contradicts"):
-        clq_triton.patch(_Toy(), QuantConfig(), bits="w8a8", progress=False)
+    assert str(report).startswith("hadamard w4a4: quantized 1 Linear layers")
+    report = clq_triton.patch(_Toy(), "w8a8", "rtn", include=(r"blocks\.0\.0$",), progress=False)
+    assert report.config == QuantConfig(w_bits=8, a_bits=8) and report.method == clq_triton.RTN()
+    with pytest.raises(ValueError, match="look like"):
+        clq_triton.patch(_Toy(), "int4", progress=False)

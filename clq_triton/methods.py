@@ -1,0 +1,200 @@
+"""Quantization methods as config objects: one small frozen dataclass per method, owning its
+rotation choice, its channel transform and its parameter search.
+
+    clq_triton.patch(model, "w4a4", CLQ(clps_target="output"), calibration=data)
+    clq_triton.patch(model, "w4a4", QuaRot())
+
+A method string ("clq", "smoothquant", "quarot", "rtn", "hadamard") stands for the method's
+default config (:func:`method_config`). Configs serialize to a versioned dict
+(:meth:`Method.to_dict` / :func:`method_from_dict`), stored in checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from .config import QuantConfig
+from .smoothing import outlier_permutation, smoothquant_scale
+
+METHOD_FORMAT = 1  # version of Method.to_dict()
+
+
+def fit_hadamard_block(k: int, block: int | None) -> int | None:
+    """The largest power of two <= ``block`` that divides K (None if below 16)."""
+    if block is None:
+        return None
+    b = block
+    while b >= 16 and k % b:
+        b //= 2
+    return b if b >= 16 else None
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of the method configs. Data-free methods only choose each layer's rotation."""
+
+    name: ClassVar[str] = ""
+    calibrated: ClassVar[bool] = False  # needs calibration data (capture_calibration)
+
+    def layer_config(self, config: QuantConfig, k: int) -> QuantConfig:
+        """The QuantConfig of one layer of input size K: the one place that decides whether,
+        and with which Hadamard block, a layer is rotated. Default: the config's block,
+        shrunk to divide K."""
+        return config.replace(hadamard_block=fit_hadamard_block(k, config.hadamard_block))
+
+    def to_dict(self) -> dict:
+        return {"method": self.name, "format": METHOD_FORMAT, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class RTN(Method):
+    """Round-to-nearest, no rotation."""
+
+    name: ClassVar[str] = "rtn"
+
+    def layer_config(self, config, k):
+        return config.replace(hadamard_block=None)
+
+
+@dataclass(frozen=True)
+class Hadamard(Method):
+    """Round-to-nearest after the config's block Hadamard (the data-free default)."""
+
+    name: ClassVar[str] = "hadamard"
+
+
+@dataclass(frozen=True)
+class QuaRot(Method):
+    """The widest power-of-two Hadamard block that divides K, no permutation, no search."""
+
+    name: ClassVar[str] = "quarot"
+
+    def layer_config(self, config, k):
+        return config.replace(hadamard_block=fit_hadamard_block(k, 1 << (k.bit_length() - 1)))
+
+
+@dataclass(frozen=True)
+class Calibrated(Method):
+    """Methods that fit each layer on calibration inputs, block by block.
+
+    cbc: block i's inputs come from the model whose blocks 0..i-1 are already quantized
+    (cross-block calibration); False: from the full-precision model."""
+
+    calibrated: ClassVar[bool] = True
+    cbc: bool = True
+
+    @property
+    def search(self) -> bool:
+        """Whether clipping ratios are searched (CLPS)."""
+        return False
+
+    def channel_transform(self, x_amax: torch.Tensor, linear: torch.nn.Linear,
+                          config: QuantConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(permutation S or None, channel multiplier D or None) of one layer, from the max
+        |x| per input channel on its calibration inputs."""
+        return None, None
+
+
+@dataclass(frozen=True)
+class SmoothQuant(Calibrated):
+    """Per-channel smoothing x·D, W·D⁻¹ with D = max|W_c|^(1-α) / max|X_c|^α; no rotation."""
+
+    name: ClassVar[str] = "smoothquant"
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+
+    def layer_config(self, config, k):
+        return config.replace(hadamard_block=None)
+
+    def channel_transform(self, x_amax, linear, config):
+        return None, smoothquant_scale(x_amax, linear.weight, self.alpha)
+
+
+CLPS_TARGETS = ("block", "output", "layer")
+
+
+@dataclass(frozen=True)
+class CLQ(Calibrated):
+    """CLQ: CBC + OBS (outlier permutation + block Hadamard) + CLPS (clip search).
+
+    obs: permute channels by outlier score and rotate; False = no permutation, no rotation.
+    clps: search (w_clip, a_clip) on the grid; False = clip ratios 1.0.
+    w_clip_grid / a_clip_grid: the CLPS grid; every pair is tried.
+    clps_target: where a candidate's error is measured: "block" (the block's output vs the
+        full-precision model's), "output" (the transformer's output) or "layer" (the layer's
+        own output, the local baseline).
+    """
+
+    name: ClassVar[str] = "clq"
+    obs: bool = True
+    clps: bool = True
+    w_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
+    a_clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8)
+    clps_target: str = "block"
+
+    def __post_init__(self):
+        if self.clps_target not in CLPS_TARGETS:
+            raise ValueError(f"clps_target must be one of {CLPS_TARGETS}, got {self.clps_target!r}")
+        for v in (*self.w_clip_grid, *self.a_clip_grid):
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"clip ratios must be in (0, 1], got {v!r}")
+        if not self.w_clip_grid or not self.a_clip_grid:
+            raise ValueError("the CLPS grids must not be empty")
+        object.__setattr__(self, "w_clip_grid", tuple(float(v) for v in self.w_clip_grid))
+        object.__setattr__(self, "a_clip_grid", tuple(float(v) for v in self.a_clip_grid))
+
+    @property
+    def search(self) -> bool:
+        return self.clps
+
+    def layer_config(self, config, k):
+        if not self.obs:
+            return config.replace(hadamard_block=None)
+        return super().layer_config(config, k)
+
+    def channel_transform(self, x_amax, linear, config):
+        if config.hadamard_block is None:
+            return None, None
+        return outlier_permutation(x_amax, config.hadamard_block), None
+
+
+METHODS = {cls.name: cls for cls in (CLQ, SmoothQuant, QuaRot, RTN, Hadamard)}
+
+
+def method_config(method: Method | str | None, calibrated: bool) -> Method:
+    """A Method from a config, a name (its defaults) or None (CLQ with calibration data,
+    else Hadamard)."""
+    if method is None:
+        return CLQ() if calibrated else Hadamard()
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, str) and method.lower() in METHODS:
+        return METHODS[method.lower()]()
+    raise ValueError(f"method must be a clq_triton method config or one of {tuple(METHODS)}, "
+                     f"got {method!r}")
+
+
+def method_from_dict(d: dict) -> Method:
+    """Inverse of :meth:`Method.to_dict`; raises ValueError on an unknown method or version."""
+    d = dict(d)
+    name, version = d.pop("method", None), d.pop("format", None)
+    if name not in METHODS:
+        raise ValueError(f"unknown quantization method {name!r}")
+    if version != METHOD_FORMAT:
+        raise ValueError(f"method config format {version!r}; this clq-triton reads "
+                         f"{METHOD_FORMAT}")
+    cls = METHODS[name]
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown fields for {cls.__name__}: {sorted(unknown)}")
+    for f in ("w_clip_grid", "a_clip_grid"):
+        if f in d:
+            d[f] = tuple(d[f])
+    return cls(**d)
