@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -41,6 +42,16 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 8) -> torch
     out[:, :left.shape[1], :left.shape[2]] = left
     out[:, :right.shape[1], left.shape[2] + gap:] = right
     return out
+
+
+def captioned(grid: torch.Tensor, text: str, height: int = 14) -> torch.Tensor:
+    """A white band of ``height`` pixels with ``text`` in black above a uint8 grid [3, H, W]."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("RGB", (grid.shape[2], height), "white")
+    ImageDraw.Draw(band).text((2, 1), text, fill="black")
+    top = torch.from_numpy(np.asarray(band).copy()).permute(2, 0, 1)
+    return torch.cat([top, grid], dim=1)
 
 
 def save_png(grid: torch.Tensor, path: str) -> None:

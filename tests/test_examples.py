@@ -4,14 +4,16 @@ import sys
 
 import torch
 
+import clq_triton
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.py")
 
 
-def run_quickstart(*args):
-    out = subprocess.run([sys.executable, QUICKSTART, *args], capture_output=True, text=True,
+def run(*args):
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True,
                          env=dict(os.environ, CLQ_BACKEND="torch"), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
 
 
@@ -23,18 +25,27 @@ def read_png(path):
 
 def test_quickstart_on_shipped_tiny_dit(tmp_path):
     png = tmp_path / "grid.png"
-    stdout = run_quickstart("--num-images", "4", "--steps", "3", "--calib-samples", "2",
-                            "--out", str(png))
-    assert "clq w4a4: quantized 36 Linear layers" in stdout
-    for row in ("FP ", "w4a4 ", "PSNR of w4a4 vs FP", "MiB", "total wall time"):
+    stdout = run(QUICKSTART, "--num-images", "4", "--steps", "3", "--calib-samples", "2",
+                 "--out", str(png), "--save", str(tmp_path / "q"))
+    assert "clq w4a4: quantized 36 Linear layers, skipped 0" in stdout
+    for row in ("captured 2 calibration steps", "FP ", "w4a4 ", "PSNR of w4a4 vs FP", "MiB",
+                "total wall time", "saved the quantized transformer"):
         assert row in stdout, stdout
     img = read_png(png)
-    # 4 tiles of 64 px with 2 px padding per side, an 8 px gap between the two grids
-    assert img.shape == (2 + 66, 2 * (4 * 66 + 2) + 8, 3)
+    # a 14 px caption band, 4 tiles of 64 px with 2 px padding, an 8 px gap between the grids
+    assert img.shape == (14 + 2 + 66, 2 * (4 * 66 + 2) + 8, 3)
+    assert (img[:14, :60] < 100).any() and (img[:14, 4 * 66 + 12:] < 100).any()  # captions
+    model = clq_triton.load_quantized(str(tmp_path / "q"))
+    assert sum(isinstance(m, clq_triton.QuantLinear) for m in model.modules()) == 36
 
 
-def test_quickstart_on_a_saved_pipeline(tmp_path):
-    """The --model path on a small DiTPipeline saved to disk (random weights), with --save."""
+def test_quickstart_data_free_method_captures_nothing(tmp_path):
+    stdout = run(QUICKSTART, "--method", "rtn", "--num-images", "2", "--steps", "2",
+                 "--out", str(tmp_path / "g.png"))
+    assert "captured" not in stdout and "rtn w4a4: quantized 36 Linear layers" in stdout
+
+
+def _saved_pipeline(path):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -44,11 +55,53 @@ def test_quickstart_on_a_saved_pipeline(tmp_path):
     vae = AutoencoderKL(block_out_channels=(32,), layers_per_block=1, latent_channels=4,
                         norm_num_groups=32, sample_size=8)
     DiTPipeline(transformer=tr.eval(), vae=vae.eval(), scheduler=DDIMScheduler()).save_pretrained(
-        tmp_path / "pipe")
-    stdout = run_quickstart("--model", str(tmp_path / "pipe"), "--steps", "3",
-                            "--calib-samples", "2", "--class-label", "1", "--class-label", "2",
-                            "--save", str(tmp_path / "q"), "--out", str(tmp_path / "grid.png"))
+        path)
+
+
+def test_quickstart_on_a_saved_pipeline(tmp_path):
+    """The --model path on a small DiTPipeline saved to disk (random weights), with --save."""
+    _saved_pipeline(tmp_path / "pipe")
+    stdout = run(QUICKSTART, "--model", str(tmp_path / "pipe"), "--steps", "3",
+                 "--calib-samples", "2", "--prompt", "1", "--prompt", "2",
+                 "--save", str(tmp_path / "q"), "--out", str(tmp_path / "grid.png"))
     assert "clq w4a4: quantized 12 Linear layers" in stdout
     assert "PSNR of w4a4 vs FP" in stdout
-    assert sorted(os.listdir(tmp_path / "q")) == ["clq_config.json", "model.safetensors"]
-    assert read_png(tmp_path / "grid.png").shape == (2 + 8 + 2, 2 * (2 * 10 + 2) + 8, 3)
+    assert sorted(os.listdir(tmp_path / "q")) == ["config.json",
+                                                  "diffusion_pytorch_model.safetensors"]
+    assert read_png(tmp_path / "grid.png").shape == (14 + 2 + 8 + 2, 2 * (2 * 10 + 2) + 8, 3)
+
+
+def test_cli_quantize_saves_a_loadable_transformer(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    _saved_pipeline(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("# DiT: class ids\n3\n7\n")
+    stdout = run("-m", "clq_triton.cli", "quantize", str(tmp_path / "pipe"), "--bits", "w4a8",
+                 "--method", "clq", "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
+                 "--calib-samples", "2", "--out", str(tmp_path / "q"))
+    assert "captured 2 calibration steps" in stdout
+    assert "clq w4a8: quantized 12 Linear layers, skipped 0" in stdout
+    assert "DiffusionPipeline.from_pretrained(" in stdout
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path / "pipe", transformer=clq_triton.load_quantized(str(tmp_path / "q")))
+    assert pipe.transformer.transformer_blocks[1].ff.net[2].config.name == "w4a8"
+
+
+def test_cli_errors_are_messages(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "clq_triton.cli", "quantize", "x", "--out",
+                          str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode != 0 and "give --prompts FILE" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "clq_triton.cli", "quantize", "x", "--prompts",
+                          str(tmp_path / "none.txt"), "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "cannot read prompts" in out.stderr
+
+
+def test_console_script_is_declared():
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts == {"clq-triton": "clq_triton.cli:main"}

@@ -41,3 +41,13 @@ def test_side_by_side_and_png_roundtrip(tmp_path, gen):
     save_png(out, str(tmp_path / "x.png"))
     back = torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / "x.png")).copy())
     assert torch.equal(back.permute(2, 0, 1), out)
+
+
+def test_caption_band_holds_dark_text_on_white():
+    from clq_triton.images import captioned
+
+    grid = torch.full((3, 20, 80), 128, dtype=torch.uint8)
+    out = captioned(grid, "w4a4")
+    assert out.shape == (3, 34, 80) and torch.equal(out[:, 14:], grid)
+    band = out[:, :14]
+    assert (band == 255).float().mean() > 0.7 and (band < 100).any()

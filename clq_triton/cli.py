@@ -1,0 +1,246 @@
+"""The ``clq-triton`` command line.
+
+    clq-triton quickstart [--bits w4a4] [--method clq] [--save DIR]
+        the shipped tiny DiT: calibrate, quantize, compare FP and quantized samples (CPU, ~2 min)
+    clq-triton quickstart --model ID_OR_PATH --prompt "..."
+        the same on a real diffusers pipeline (GPU advised)
+    clq-triton quantize ID_OR_PATH --bits w4a4 --method clq --prompts FILE --out DIR
+        calibrate and quantize a pipeline's transformer, save it in the diffusers layout
+
+``python -m clq_triton.cli ...`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+
+from .methods import METHODS
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+class Timer:
+    def __init__(self):
+        self.start = self.last = time.time()
+
+    def lap(self, what: str) -> None:
+        now = time.time()
+        print(f"  [{now - self.last:6.1f} s] {what}", flush=True)
+        self.last = now
+
+
+def quantize(transformer, bits, method, data, timer):
+    """Patch ``transformer`` in place; print what was quantized and skipped, and the memory."""
+    from . import patch
+
+    before = model_bytes(transformer)
+    report = patch(transformer, bits, method, data, progress=True)
+    timer.lap(f"{report.method.name} {bits} " + ("calibration + " if data else "")
+              + "quantization")
+    print(report.summary())
+    print(f"transformer, all weights and buffers: {before / 2**20:.2f} MiB "
+          f"→ {model_bytes(transformer) / 2**20:.2f} MiB")
+    return report
+
+
+def _needs_calibration(method: str) -> bool:
+    return METHODS[method].calibrated
+
+
+# ------------------------------------------------------------------------------ quickstart
+
+
+def tiny_dit(args, timer):
+    from .toy.model import calibration_data, load_tiny_dit, sample
+    from .toy.shapes import N_CLASSES, accuracy, frechet_distance, image_features, real_features
+    from .images import image_grid, psnr
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fp, sched = load_tiny_dit()
+    fp = fp.to(device)
+    timer.lap(f"loaded the shipped tiny DiT ({sum(p.numel() for p in fp.parameters()):,} "
+              f"parameters, {device})")
+    data = None
+    if _needs_calibration(args.method):
+        data = calibration_data(fp, sched, args.steps, args.calib_samples)
+        timer.lap(f"captured {len(data)} calibration steps")
+    quant = copy.deepcopy(fp)
+    quantize(quant, args.bits, args.method, data, timer)
+    if args.save:
+        _save(quant, args.save)
+
+    labels = torch.arange(args.num_images) % N_CLASSES
+    fp_imgs = sample(fp, sched, labels, steps=args.steps, seed=0)
+    q_imgs = sample(quant, sched, labels, steps=args.steps, seed=0)
+    timer.lap(f"sampled {len(labels)} FP and {len(labels)} {args.bits} images, "
+              f"{args.steps} DDIM steps")
+    real = real_features(20)
+    print(f"{'':8} {'overall':>8} {'shape':>6} {'colour':>6} {'position':>8} {'FD':>8}")
+    for name, imgs in (("FP", fp_imgs), (args.bits, q_imgs)):
+        acc = accuracy(imgs, labels)
+        fd = frechet_distance(image_features(imgs), real)
+        print(f"{name:8} {acc['overall']:8.3f} {acc['shape']:6.3f} {acc['colour']:6.3f} "
+              f"{acc['position']:8.3f} {fd:8.4f}")
+    print(f"PSNR of {args.bits} vs FP (same noise): {psnr(q_imgs, fp_imgs):.2f} dB")
+    print("(checker accuracy: shape, colour and quadrant read back from pixels; FD: Fréchet "
+          "distance of checker features to real images, lower is better)")
+    ncol = min(8, len(labels))
+    return image_grid(fp_imgs, ncol, scale=2), image_grid(q_imgs, ncol, scale=2)
+
+
+def load_pipeline(model_id: str, timer):
+    from diffusers import DiffusionPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    timer.lap(f"loaded {model_id} ({type(pipe).__name__}, {device}, {dtype})")
+    if not hasattr(pipe, "transformer"):
+        raise SystemExit(f"{type(pipe).__name__} has no .transformer to quantize")
+    return pipe
+
+
+def generate(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
+    """Images float [B, 3, H, W] in [0, 1] (first frame for video pipelines). For
+    class-conditional DiT pipelines the prompts are ImageNet class ids."""
+    device = pipe.transformer.device
+    gen = torch.Generator(device).manual_seed(seed)
+    if type(pipe).__name__ == "DiTPipeline":
+        out = pipe(class_labels=[int(p) for p in prompts], num_inference_steps=steps,
+                   generator=gen, output_type="np")
+    else:
+        out = pipe(prompts, num_inference_steps=steps, generator=gen, output_type="np")
+    imgs = torch.as_tensor(out.images if hasattr(out, "images") else out.frames).float()
+    if imgs.dim() == 5:  # video [B, F, H, W, C]
+        imgs = imgs[:, 0]
+    return imgs.permute(0, 3, 1, 2)
+
+
+def calibrate_pipeline(pipe, prompts, steps, samples, timer):
+    from . import capture_calibration
+
+    data = capture_calibration(pipe.transformer, lambda: generate(pipe, prompts, steps, seed=1),
+                               max_samples=samples)
+    timer.lap(f"captured {len(data)} calibration steps")
+    return data
+
+
+def real_pipeline(args, timer):
+    from .images import image_grid, psnr
+
+    pipe = load_pipeline(args.model, timer)
+    prompts = args.prompt or (["207", "360", "387", "974"] if type(pipe).__name__ == "DiTPipeline"
+                              else ["a photo of a cat", "a red car on a street"])
+    fp_imgs = generate(pipe, prompts, args.steps, seed=0)
+    timer.lap(f"generated {len(fp_imgs)} FP images")
+    data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer)
+            if _needs_calibration(args.method) else None)
+    quantize(pipe.transformer, args.bits, args.method, data, timer)
+    q_imgs = generate(pipe, prompts, args.steps, seed=0)
+    timer.lap(f"generated {len(q_imgs)} {args.bits} images")
+    print(f"PSNR of {args.bits} vs FP (same noise): {psnr(q_imgs, fp_imgs, 1.0):.2f} dB")
+    if args.save:
+        _save(pipe.transformer, args.save, args.model)
+    ncol = min(4, len(fp_imgs))
+    rng = (0.0, 1.0)
+    return image_grid(fp_imgs, ncol, value_range=rng), image_grid(q_imgs, ncol, value_range=rng)
+
+
+def _save(transformer, directory, base=None):
+    from . import save_quantized
+
+    save_quantized(transformer, directory)
+    load = f"clq_triton.load_quantized({directory!r})"
+    print(f"saved the quantized transformer to {directory}; load it with {load}"
+          + (f", or a pipeline with DiffusionPipeline.from_pretrained({base!r}, "
+             f"transformer={load})" if base else ""))
+
+
+def cmd_quickstart(args) -> None:
+    from .images import captioned, save_png, side_by_side
+
+    timer = Timer()
+    fp_grid, q_grid = (real_pipeline if args.model else tiny_dit)(args, timer)
+    save_png(side_by_side(captioned(fp_grid, "FP"),
+                          captioned(q_grid, f"{args.method} {args.bits}")), args.out)
+    print(f"wrote {args.out} (left FP, right {args.method} {args.bits}); total wall time "
+          f"{time.time() - timer.start:.1f} s")
+
+
+# -------------------------------------------------------------------------------- quantize
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            prompts = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    except OSError as e:
+        raise SystemExit(f"cannot read prompts from {path}: {e}") from None
+    if not prompts:
+        raise SystemExit(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+def cmd_quantize(args) -> None:
+    timer = Timer()
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    if _needs_calibration(args.method) and not prompts:
+        raise SystemExit(f"--method {args.method} calibrates on the pipeline's own samples: "
+                         "give --prompts FILE (one prompt, or DiT class id, per line)")
+    pipe = load_pipeline(args.model, timer)
+    data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer)
+            if _needs_calibration(args.method) else None)
+    quantize(pipe.transformer, args.bits, args.method, data, timer)
+    _save(pipe.transformer, args.out, args.model)
+    print(f"total wall time {time.time() - timer.start:.1f} s")
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clq-triton", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, steps=10, calib=8):
+        p.add_argument("--bits", default="w4a4", choices=["w4a4", "w4a8", "w8a8"])
+        p.add_argument("--method", default="clq", choices=list(METHODS))
+        p.add_argument("--steps", type=int, default=steps, help="sampler steps")
+        p.add_argument("--calib-samples", type=int, default=calib,
+                       help="sampler steps captured for calibration")
+
+    q = sub.add_parser("quickstart", help="calibrate + quantize + compare FP and quantized images")
+    common(q)
+    q.add_argument("--model", help="diffusers pipeline id or path (default: shipped tiny DiT)")
+    q.add_argument("--num-images", type=int, default=48, help="tiny DiT: images per side")
+    q.add_argument("--prompt", action="append",
+                   help="real model: prompt, or ImageNet class id for DiT (repeatable)")
+    q.add_argument("--save", help="directory to save the quantized transformer in")
+    q.add_argument("--out", default="quickstart.png", help="PNG: FP (left) vs quantized")
+    q.set_defaults(run=cmd_quickstart)
+
+    z = sub.add_parser("quantize", help="quantize a pipeline's transformer and save it")
+    z.add_argument("model", help="diffusers pipeline id or path")
+    common(z, steps=20, calib=16)
+    z.add_argument("--prompts", help="calibration prompts, one per line (DiT: class ids)")
+    z.add_argument("--out", required=True, help="directory for the quantized transformer")
+    z.set_defaults(run=cmd_quantize)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
