@@ -49,3 +49,29 @@ def run(benchmark, fn, rounds=None):
     if benchmark.stats is None:  # --benchmark-disable: one untimed-by-plugin call
         return time.perf_counter() - start
     return benchmark.stats.stats.mean
+
+
+def pixart_model(full: bool, device, dtype, seed: int = 0):
+    """(model, inputs): a PixArt-Σ-sized transformer (28 blocks, hidden 1152, 4096 image
+    tokens from a 128×128 latent, 120 text tokens; random weights) when ``full``, else a
+    2-block toy of the same class."""
+    from diffusers import PixArtTransformer2DModel
+
+    if full:
+        cfg = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28,
+                   sample_size=128, cross_attention_dim=1152, caption_channels=4096)
+        side, text = 128, 120
+    else:
+        cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, sample_size=8,
+                   cross_attention_dim=64, caption_channels=32)
+        side, text = 8, 5
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **cfg)
+    model = model.to(device, dtype).eval()
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, side, side, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, text, cfg["caption_channels"], device=device,
+                                          dtype=dtype),
+        timestep=torch.tensor([500], device=device),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return model, inputs

@@ -32,6 +32,7 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_utils
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -277,25 +278,10 @@ def main(argv=None):
 
     @sec("pixart")
     def pixart():
-        from diffusers import PixArtTransformer2DModel
+        from bench_utils import pixart_model
 
-        if args.smoke:
-            cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2,
-                       sample_size=8, cross_attention_dim=64, caption_channels=32)
-            side, text = 8, 5
-        else:
-            cfg = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28,
-                       sample_size=128, cross_attention_dim=1152, caption_channels=4096)
-            side, text = 128, 120  # 128/2 = 64 → 4096 image tokens
-        torch.manual_seed(0)
-        fp = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **cfg)
-        fp = fp.to(dev, dtype).eval()
-        inputs = dict(
-            hidden_states=torch.randn(1, 4, side, side, device=dev, dtype=dtype),
-            encoder_hidden_states=torch.randn(1, text, cfg["caption_channels"], device=dev,
-                                              dtype=dtype),
-            timestep=torch.tensor([500], device=dev),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        fp, inputs = pixart_model(not args.smoke, dev, dtype)
+        side = inputs["hidden_states"].shape[-1]
 
         def measure(model, name):
             with torch.no_grad():
@@ -309,7 +295,7 @@ def main(argv=None):
             return out, dict(name=name, ms=t, first_call_s=first, peak_MiB=peak)
 
         ref, row = measure(fp, "fp")
-        log(section="pixart", tokens=(side // 2) ** 2, blocks=cfg["num_layers"], **row)
+        log(section="pixart", tokens=(side // 2) ** 2, blocks=len(fp.transformer_blocks), **row)
         import copy
 
         for bits, group in (("w4a4", None), ("w4a4", 128), ("w8a8", None)):

@@ -8,7 +8,7 @@ from torch import nn
 
 import clq_triton
 from clq_triton import QuantConfig, QuantLinear
-from bench_utils import CUDA, DEVICE, DTYPE, GEMM_SHAPES, run, shape_id
+from bench_utils import CUDA, DEVICE, DTYPE, GEMM_SHAPES, pixart_model, run, shape_id
 
 LINEAR_SHAPES = GEMM_SHAPES[:4] if CUDA else GEMM_SHAPES[:1]
 KINDS = ["nn.Linear", "w4a4", "w4a4-g128", "w4a4-g64", "w4a8", "w8a8"]
@@ -34,26 +34,8 @@ def test_linear(benchmark, info, shape, kind):
 
 
 def _pixart():
-    """PixArt-Σ-sized transformer (28 blocks, hidden 1152) on CUDA; a 2-block toy on CPU."""
-    from diffusers import PixArtTransformer2DModel
-
-    if CUDA:
-        cfg = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=64,
-                   cross_attention_dim=1152, caption_channels=4096)
-        tokens, text = 64, 120
-    else:
-        cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, sample_size=8,
-                   cross_attention_dim=64, caption_channels=32)
-        tokens, text = 8, 5
-    model = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **cfg)
-    model = model.to(DEVICE, DTYPE).eval()
-    inputs = dict(
-        hidden_states=torch.randn(1, 4, tokens, tokens, device=DEVICE, dtype=DTYPE),
-        encoder_hidden_states=torch.randn(1, text, cfg["caption_channels"], device=DEVICE,
-                                          dtype=DTYPE),
-        timestep=torch.tensor([500], device=DEVICE),
-        added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    return model, inputs
+    """PixArt-Σ-sized transformer (28 blocks, 4096 tokens) on CUDA; a 2-block toy on CPU."""
+    return pixart_model(CUDA, DEVICE, DTYPE)
 
 
 @pytest.mark.parametrize("kind", ["fp", "w4a4", "w4a4-g128", "w4a8", "w8a8"])

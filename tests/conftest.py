@@ -37,3 +37,15 @@ def gen():
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     print(f"random seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe_and_data():
+    """A 2-block DiT pipeline with planted outliers and 4 captured sampler steps."""
+    import clq_triton
+    from toy_models import dit_pipeline, sample
+
+    pipe = dit_pipeline(seed=1, layers=2)
+    data = clq_triton.capture_calibration(
+        pipe.transformer, lambda: sample(pipe, [1, 3], steps=4), progress=False)
+    return pipe, data

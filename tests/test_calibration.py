@@ -26,14 +26,6 @@ def torch_backend():
         yield
 
 
-@pytest.fixture(scope="module")
-def pipe_and_data():
-    pipe = dit_pipeline(seed=1, layers=2)
-    data = clq_triton.capture_calibration(
-        pipe.transformer, lambda: sample(pipe, [1, 3], steps=4), progress=False)
-    return pipe, data
-
-
 def model_error(model, ref_model, data):
     num = den = 0.0
     for s in data.samples:

@@ -16,14 +16,6 @@ from diffusers_models import MODELS
 from toy_models import dit_pipeline, planted_dit, sample
 
 
-@pytest.fixture(scope="module")
-def pipe_and_data():
-    pipe = dit_pipeline(seed=1, layers=2)
-    data = clq_triton.capture_calibration(
-        pipe.transformer, lambda: sample(pipe, [1, 3], steps=2), progress=False)
-    return pipe, data
-
-
 @pytest.fixture(autouse=True)
 def torch_backend():
     with clq_triton.backend("torch"):  # many model replays: the references are faster here
@@ -103,53 +95,53 @@ def _unchanged(model, snap):
     return types == snap[0] and all(torch.equal(state[k], v) for k, v in snap[1].items())
 
 
+def _refused_and_untouched(directory, match):
+    """Loading into a fresh FP model raises ``match`` and leaves that model as it was."""
+    target = planted_dit(0, layers=1).eval()
+    snap = _snapshot(target)
+    with pytest.raises(ValueError, match=match):
+        clq_triton.load_quantized(str(directory), target)
+    assert _unchanged(target, snap)
+
+
+def _edit_weights(directory, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = str(directory / "diffusion_pytorch_model.safetensors")
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+
+
 def test_truncated_weights_name_the_file_and_leave_the_model_alone(tmp_path):
     _saved(tmp_path)
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    target = planted_dit(0, layers=1).eval()
-    snap = _snapshot(target)
-    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors: cannot read"):
-        clq_triton.load_quantized(str(tmp_path), target)
-    assert _unchanged(target, snap)
+    _refused_and_untouched(tmp_path, "diffusion_pytorch_model.safetensors: cannot read")
 
 
 def test_wrong_tensor_shape_leaves_the_model_alone(tmp_path):
-    from safetensors.torch import load_file, save_file
+    def cut(state):
+        key = next(k for k in state if k.endswith("ff.net.2.qweight"))
+        state[key] = state[key][:, :-1].contiguous()
 
     _saved(tmp_path)
-    path = str(tmp_path / "diffusion_pytorch_model.safetensors")
-    state = load_file(path)
-    key = next(k for k in state if k.endswith("ff.net.2.qweight"))
-    state[key] = state[key][:, :-1].contiguous()
-    save_file(state, path)
-    target = planted_dit(0, layers=1).eval()
-    snap = _snapshot(target)
-    with pytest.raises(ValueError, match="does not match the model.*ff.net.2.qweight"):
-        clq_triton.load_quantized(str(tmp_path), target)
-    assert _unchanged(target, snap)
+    _edit_weights(tmp_path, cut)
+    _refused_and_untouched(tmp_path, "does not match the model.*ff.net.2.qweight")
 
 
 def test_a_broken_perm_is_refused_before_the_model_changes(tmp_path):
-    from safetensors.torch import load_file, save_file
+    def duplicate_an_entry(state):
+        key = next(k for k in state if k.endswith(".perm"))
+        state[key][0] = state[key][1]
 
     model = planted_dit(0, layers=1).eval()
-    with clq_triton.backend("torch"):
-        clq_triton.patch(model, "w4a4", CLQ(clps=False),
-                         clq_triton.CalibrationData.from_inputs([dict(
-                             hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([5]),
-                             class_labels=torch.tensor([1]))]), progress=False)
+    clq_triton.patch(model, "w4a4", CLQ(clps=False), clq_triton.CalibrationData.from_inputs(
+        [dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([5]),
+              class_labels=torch.tensor([1]))]), progress=False)
     clq_triton.save_quantized(model, str(tmp_path))
-    path = str(tmp_path / "diffusion_pytorch_model.safetensors")
-    state = load_file(path)
-    key = next(k for k in state if k.endswith(".perm"))
-    state[key][0] = state[key][1]
-    save_file(state, path)
-    target = planted_dit(0, layers=1).eval()
-    snap = _snapshot(target)
-    with pytest.raises(ValueError, match="not a permutation"):
-        clq_triton.load_quantized(str(tmp_path), target)
-    assert _unchanged(target, snap)
+    _edit_weights(tmp_path, duplicate_an_entry)
+    _refused_and_untouched(tmp_path, "not a permutation")
 
 
 def test_config_errors_name_the_file(tmp_path):
