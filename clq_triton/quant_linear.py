@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
                size (two-level code), else None
       perm:    int32 [K] channel permutation S, or None
       channel_scale: float32 [K] diagonal of D, or None
-      bias:    [N] in the source layer's dtype, or None
+      bias:    float32 [N], or None
     The settings (bits, group size, Hadamard block, activation clip) travel in the state dict
     as extra state, so ``load_state_dict`` restores a layer exactly.
 
@@ -49,7 +49,6 @@ class QuantLinear(nn.Module):
         config: QuantConfig = QuantConfig(),
         has_perm: bool = False,
         has_channel_scale: bool = False,
-        bias_dtype: torch.dtype = torch.float32,
         device=None,
     ):
         super().__init__()
@@ -70,8 +69,7 @@ class QuantLinear(nn.Module):
                              if has_perm else None)
         self.register_buffer("channel_scale", torch.ones(in_features, device=device)
                              if has_channel_scale else None)
-        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device)
-                             if bias else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.register_load_state_dict_post_hook(_check_loaded_perm)
 
     @classmethod
@@ -99,8 +97,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"channel_scale must be positive with shape ({k},)")
         b = linear.bias
         q = cls(k, n, bias=b is not None, config=config, has_perm=perm is not None,
-                has_channel_scale=channel_scale is not None,
-                bias_dtype=b.dtype if b is not None else torch.float32, device=w.device)
+                has_channel_scale=channel_scale is not None, device=w.device)
         w = w.float()
         if channel_scale is not None:
             cs = channel_scale.to(w.device, torch.float32)
@@ -116,7 +113,7 @@ class QuantLinear(nn.Module):
         if perm is not None:
             q.perm.copy_(perm.to(torch.int32))
         if b is not None:
-            q.bias.copy_(b.detach())
+            q.bias.copy_(b.detach().float())
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

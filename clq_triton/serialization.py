@@ -127,16 +127,14 @@ def load_quantized(directory: str, model: nn.Module | None = None,
 def _layer_spec(m: QuantLinear) -> dict:
     return {"config": m.config.to_dict(), "in_features": m.in_features,
             "out_features": m.out_features, "bias": m.bias is not None,
-            "bias_dtype": str(m.bias.dtype).removeprefix("torch.") if m.bias is not None else None,
             "perm": m.perm is not None, "channel_scale": m.channel_scale is not None}
 
 
 def _layer_from_spec(name: str, spec: dict) -> QuantLinear:
     try:
-        bias_dtype = getattr(torch, spec["bias_dtype"]) if spec["bias"] else torch.float32
         return QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                            config=QuantConfig(**spec["config"]), has_perm=spec["perm"],
-                           has_channel_scale=spec["channel_scale"], bias_dtype=bias_dtype)
+                           has_channel_scale=spec["channel_scale"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"config.json: layer {name!r} has bad settings {spec!r}: {e}") from e
 

@@ -7,7 +7,7 @@ Operands (K = reduction dim; layouts and scale modes: :mod:`clq_triton.kernels.f
 - ws: float32 [N], one scale per output channel
 - wz: uint8 [N, K/G], the integer group scales of 4-bit two-level weights (4-bit weights with a
   group size only; None otherwise)
-- bias: optional [N], any float dtype
+- bias: optional [N], any float dtype (the kernel reads it as float32)
 Result y: [M, N] in ``out_dtype`` (fp16/bf16/fp32).
 
 Kernel: a loaded K step of BK columns is unpacked with shifts into low and high halves
@@ -143,11 +143,11 @@ def _quant_matmul_kernel(
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def signature(a_bits: int, w_bits: int, bias_dtype: torch.dtype | None,
-              out_dtype: torch.dtype) -> dict:
-    """Triton signature of the pointer and scalar arguments (for compiling without a GPU)."""
+def signature(a_bits: int, w_bits: int, out_dtype: torch.dtype) -> dict:
+    """Triton signature of the pointer and scalar arguments (for compiling without a GPU):
+    only the output pointer varies (the bias is always float32, the codes an int8 view)."""
     return {"a_ptr": "*i8", "as_ptr": "*fp32", "b_ptr": "*i8", "bz_ptr": "*u8",
-            "bs_ptr": "*fp32", "bias_ptr": f"*{_TL[bias_dtype or out_dtype]}",
+            "bs_ptr": "*fp32", "bias_ptr": "*fp32",
             "c_ptr": f"*{_TL[out_dtype]}", "M": "i32", "N": "i32", "K": "i32",
             "stride_am": "i32", "stride_asm": "i32", "stride_bn": "i32", "stride_bzn": "i32",
             "stride_cm": "i32", "has_bias": "u1"}
@@ -162,7 +162,7 @@ def constexprs(a_bits: int, w_bits: int, group_size: int | None,
 def kernel_specs(arch: int, configs=None):
     """Every (signature, constexprs, num_warps, num_stages) the launcher can produce on
     ``arch`` with its table configs (or with ``configs``, bf16 output only): for the compile
-    tests. The bias is a runtime flag; its dtype is the output's in this signature."""
+    tests. The bias is a runtime flag."""
     out = []
     dtypes = FLOAT_DTYPES if configs is None else (torch.bfloat16,)
     for w_bits, a_bits in BIT_PAIRS:
@@ -171,7 +171,7 @@ def kernel_specs(arch: int, configs=None):
                 for k in (4096, 4096 + 64):  # K % 128 == 0 or not: BK 128 or 64 per channel
                     cfg = base.fitted(k, group, a_bits, w_bits, arch)
                     for out_dtype in dtypes:
-                        out.append((signature(a_bits, w_bits, None, out_dtype),
+                        out.append((signature(a_bits, w_bits, out_dtype),
                                     constexprs(a_bits, w_bits, group, cfg),
                                     cfg.num_warps, cfg.num_stages))
     return list({repr(o): o for o in out}.values())
@@ -288,9 +288,11 @@ def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
         return
     # the specialization contract (ALIGNED): copies only for odd views, never for our buffers
     a8, b8 = aligned(xq, rows=True).view(torch.int8), aligned(wq, rows=True).view(torch.int8)
-    xs, ws, wz, bias = aligned(xs), aligned(ws), aligned(wz), aligned(bias)
-    bias_arg = bias if bias is not None else c
-    wz_arg = wz if wz is not None else ws
+    xs, ws, wz = aligned(xs), aligned(ws), aligned(wz)
+    bias = aligned(bias.float()) if bias is not None else None  # one pointer type: *fp32
+    # placeholders of the signature's pointer types (never read: flags / GROUP say so)
+    bias_arg = bias if bias is not None else ws
+    wz_arg = wz if wz is not None else b8.view(torch.uint8)
 
     def launch(cfg):
         grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)

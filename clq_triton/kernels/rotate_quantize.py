@@ -271,13 +271,15 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_scale):
         perm = channel_scale = None
     p = plan(x2.dtype, block, group, bits)
     c = p["constexprs"]
-    h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else x2
+    # placeholders of the signature's pointer types (never read: flags / ROT say so)
+    h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else s
     span = k if group is None else group
     n_cols = k // c["T"] if c["TILE_GROUP"] else k // span
     n_row_blocks = triton.cdiv(m, c["BM"])
     grid = (min(n_row_blocks, max(1, _programs_per_column(x2.device) // n_cols)), n_cols)
     _rotate_quantize_kernel[grid](
-        x2, perm if perm is not None else x2, channel_scale if channel_scale is not None else x2,
+        x2, perm if perm is not None else s.view(torch.int32),
+        channel_scale if channel_scale is not None else s,
         h, q, s, m, span, x2.stride(0), q.stride(0), s.stride(0),
         scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
         n_row_blocks, perm is not None, channel_scale is not None,

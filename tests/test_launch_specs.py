@@ -1,0 +1,86 @@
+"""The launchers launch only what tests/test_compile.py compiles: the pointer types of every
+launch equal the kernel's declared signature, its compile-time arguments are among the
+enumerated specializations, and its ALIGNED arguments are multiples of 16. (Kept apart from
+test_compile.py, which CI also runs under the oldest triton, whose interpreter cannot run the
+kernels.)"""
+
+import pytest
+import torch
+
+from clq_triton.kernels.formats import BIT_PAIRS
+
+_TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+                 torch.int8: "*i8", torch.uint8: "*u8", torch.int32: "*i32"}
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: records each launch's arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _launch_types(kernel, args, aligned_names):
+    """The pointer types of a recorded launch, as the signature names them; and a check that
+    the arguments named ALIGNED are multiples of 16 (bytes for pointers), as compiled."""
+    names = kernel.arg_names
+    for n, a in zip(names, args):
+        if n in aligned_names:
+            assert (a.data_ptr() if torch.is_tensor(a) else a) % 16 == 0, n
+    return {n: _TRITON_TYPES[a.dtype] for n, a in zip(names, args) if torch.is_tensor(a)}
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float16, torch.float32])
+def test_gemm_launches_only_signatures_the_check_compiles(kernel_device, monkeypatch, out_dtype,
+                                                          bias_dtype, gen):
+    import clq_triton.kernels.gemm as gemm
+    from clq_triton.kernels.formats import pack_codes
+    from clq_triton.kernels.quantize import quantize_ref, quantize_weight_ref
+
+    rec = _Recorder(gemm._quant_matmul_kernel)
+    monkeypatch.setattr(gemm, "_quant_matmul_kernel", rec)
+    for w_bits, a_bits in BIT_PAIRS:
+        for group in (None, 64):
+            xc, xs = quantize_ref(torch.randn(5, 128, generator=gen), group, a_bits)
+            wc, ws, wz = quantize_weight_ref(torch.randn(16, 128, generator=gen), group, w_bits)
+            bias = torch.randn(16, generator=gen).to(bias_dtype) if bias_dtype else None
+            args = [t.to(kernel_device) if t is not None else None for t in
+                    (pack_codes(xc, a_bits), xs, pack_codes(wc, w_bits), ws, wz, bias)]
+            gemm.quant_matmul(*args, a_bits, w_bits, group, out_dtype)
+            (launch_args, kwargs), = rec.calls[-1:]
+            sig = gemm.signature(a_bits, w_bits, out_dtype)
+            assert _launch_types(rec.kernel, launch_args, gemm.ALIGNED) == {
+                k: v for k, v in sig.items() if k.endswith("_ptr")}
+            assert (kwargs["A_BITS"], kwargs["W_BITS"], kwargs["GROUP"]) == (
+                a_bits, w_bits, group or 0)
+    assert len(rec.calls) == 2 * len(BIT_PAIRS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rotate_launches_only_specs_the_check_compiles(kernel_device, monkeypatch, dtype, gen):
+    import clq_triton.kernels.rotate_quantize as rq
+
+    rec = _Recorder(rq._rotate_quantize_kernel)
+    monkeypatch.setattr(rq, "_rotate_quantize_kernel", rec)
+    x = torch.randn(5, 1024, generator=gen).to(dtype).to(kernel_device)
+    perm = torch.randperm(1024, generator=gen).to(kernel_device)  # int64: converted
+    specs = {(p["dtype"], tuple(sorted((k, v) for k, v in p["constexprs"].items()
+                                      if k != "BM"))) for p in rq.kernel_specs()}
+    for block in (None, 16, 64, 256, 512):
+        for group in (None, 64, 256):
+            for bits in (4, 8):
+                rq.rotate_quantize(x, perm, block, group, bits)
+                args, kwargs = rec.calls[-1]
+                launched = (args[0].dtype, tuple(sorted((k, v) for k, v in kwargs.items()
+                                                        if k not in ("BM", "num_warps"))))
+                assert launched in specs
+                assert _launch_types(rec.kernel, args, rq.ALIGNED) == {
+                    k: v for k, v in rq.signature(args[0].dtype, bits).items()
+                    if k.endswith("_ptr")}
