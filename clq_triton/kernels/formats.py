@@ -90,20 +90,14 @@ def check_k(k: int, group_size: int | None, what: str = "K") -> None:
         raise ValueError(f"{what}={k} is not a multiple of group_size={group_size}")
 
 
-def low_columns(k: int, device=None) -> torch.Tensor:
-    """int64 [K/2]: the column held by the low nibble of each byte (the high one is + 32)."""
-    b = torch.arange(k // 2, device=device)
-    return (b // 32) * PACK_TILE + b % 32
-
-
 def pack_int4_ref(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes in [-8, 7], [..., K] (K a multiple of 64) → uint8 [..., K/2], split halves."""
     k = codes.shape[-1]
     if k % PACK_TILE:
         raise ValueError(f"K={k} must be a multiple of {PACK_TILE} to pack int4")
-    lo = low_columns(k, codes.device)
-    c = codes.to(torch.int32)
-    return ((c[..., lo] & 0xF) | ((c[..., lo + 32] & 0xF) << 4)).to(torch.uint8)
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], k // PACK_TILE, 2, PACK_TILE // 2)
+    packed = (c[..., 0, :] & 0xF) | ((c[..., 1, :] & 0xF) << 4)
+    return packed.to(torch.uint8).reshape(*codes.shape[:-1], k // 2)
 
 
 def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
@@ -111,12 +105,9 @@ def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
     k = packed.shape[-1] * 2
     if k % PACK_TILE:
         raise ValueError(f"packed rows of {packed.shape[-1]} bytes are not whole pack tiles")
-    p = packed.to(torch.int32)
-    lo = low_columns(k, packed.device)
-    out = torch.empty(*packed.shape[:-1], k, dtype=torch.int32, device=packed.device)
-    out[..., lo] = ((p & 0xF) ^ 8) - 8
-    out[..., lo + 32] = ((p >> 4) ^ 8) - 8
-    return out.to(torch.int8)
+    p = packed.to(torch.int32).reshape(*packed.shape[:-1], k // PACK_TILE, PACK_TILE // 2)
+    halves = torch.stack([((p & 0xF) ^ 8) - 8, ((p >> 4) ^ 8) - 8], dim=-2)
+    return halves.to(torch.int8).reshape(*packed.shape[:-1], k)
 
 
 def unpack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
