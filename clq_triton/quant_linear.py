@@ -15,10 +15,8 @@ from .kernels.formats import (
     stored_columns,
     unpack_codes,
 )
-from .kernels.gemm import quant_matmul
 from .kernels.hadamard import check_block, check_perm, rotate_ref
 from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
-from .kernels.rotate_quantize import rotate_quantize
 
 
 class QuantLinear(nn.Module):
@@ -126,11 +124,14 @@ class QuantLinear(nn.Module):
                              f"{self.qweight.device}; move one of them")
         cfg = self.config
         x2 = x.reshape(-1, self.in_features)
-        xq, xs = rotate_quantize(x2, self.perm, cfg.hadamard_block, cfg.group_size, cfg.a_bits,
-                                 cfg.a_clip, channel_scale=self.channel_scale,
-                                 check_perm_values=False)  # checked in from_linear / on load
-        y = quant_matmul(xq, xs, self.qweight, self.wscale, self.wgroup, self.bias, cfg.a_bits,
-                         cfg.w_bits, cfg.group_size, out_dtype=x.dtype)
+        # The operators directly: the buffers were validated when built or loaded (perm read
+        # back once there), so the hot path checks only x, above.
+        xq, xs = torch.ops.clq_triton.rotate_quantize(x2, self.perm, self.channel_scale,
+                                                      cfg.hadamard_block, cfg.group_size,
+                                                      cfg.a_bits, float(cfg.a_clip))
+        y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight, self.wscale, self.wgroup,
+                                              self.bias, cfg.a_bits, cfg.w_bits, cfg.group_size,
+                                              x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -123,7 +123,10 @@ def test_format_1_state_is_refused_clearly(gen):
         QuantLinear(128, 48).load_state_dict(sd)
 
 
-def test_perm_checked_on_load_not_per_forward(monkeypatch, gen):
+@pytest.mark.parametrize("which", ["kernel", "torch"])
+def test_perm_checked_on_load_not_per_forward(monkeypatch, gen, which):
+    import clq_triton
+    import clq_triton.kernels.hadamard as hd
     import clq_triton.kernels.rotate_quantize as rq
 
     q = QuantLinear.from_linear(_linear(128, 48, gen), QuantConfig(),
@@ -134,11 +137,13 @@ def test_perm_checked_on_load_not_per_forward(monkeypatch, gen):
     with pytest.raises(ValueError, match="not a permutation"):
         QuantLinear(128, 48, has_perm=True).load_state_dict(sd)
     calls = []
-    real = rq.check_perm
-    monkeypatch.setattr(rq, "check_perm", lambda p, k, values=True: (calls.append(values),
-                                                                       real(p, k, values)))
-    q(torch.randn(5, 128, generator=gen))
-    assert calls == [False]  # forward does not read perm back (no device sync)
+    real = hd.check_perm
+    for module in (rq, hd):  # the launcher's and the reference path's
+        monkeypatch.setattr(module, "check_perm", lambda p, k, values=True: (
+            calls.append(values), real(p, k, values)))
+    with clq_triton.backend("auto" if which == "kernel" else "torch"):
+        q(torch.randn(5, 128, generator=gen))
+    assert calls == []  # forward does not validate perm, let alone read it back (a sync)
 
 
 def test_nonfinite_input_gives_nan_rows_only(device, gen):

@@ -104,6 +104,14 @@ def rotate_ref(
     k = x.shape[-1]
     check_block(block, k)
     check_perm(perm, k)
+    return rotate_unchecked(x, perm, block, inverse)
+
+
+def rotate_unchecked(
+    x: torch.Tensor, perm: torch.Tensor | None, block: int | None, inverse: bool = False
+) -> torch.Tensor:
+    """:func:`rotate_ref` without its checks (checking ``perm`` reads it back, a device
+    sync): for the per-call paths whose perm and block were validated once."""
     y = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if not inverse:
         if perm is not None:

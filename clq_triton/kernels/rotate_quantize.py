@@ -47,7 +47,7 @@ from .hadamard import (
     check_block,
     check_perm,
     hadamard_matrix,
-    rotate_ref,
+    rotate_unchecked,
 )
 from .quantize import quantize_ref, scale_multiplier
 
@@ -302,7 +302,7 @@ def _compute(x, perm, channel_scale, block, group_size, bits, clip, q, s) -> Non
     PyTorch reference where the kernel does not run (see kernels._runtime)."""
     if not use_triton(x):
         xs = x.float() * channel_scale if channel_scale is not None else x
-        codes, scales = quantize_ref(rotate_ref(xs, perm, block), group_size, bits, clip)
+        codes, scales = quantize_ref(rotate_unchecked(xs, perm, block), group_size, bits, clip)
         q.copy_(pack_codes(codes, bits))
         s.copy_(scales)
     elif x.shape[0]:
