@@ -1,13 +1,19 @@
-"""Quality table: quantization methods × bit widths on the shipped tiny DiT.
+"""Quality table: quantization methods × bit widths × scale modes on the tiny DiT, with and
+without real-DiT-like activation outliers (clq_triton.toy.outliers), over several seeds.
 
-    python bench/quality.py                   # writes bench/results/quality.md
+    python bench/quality.py                 # full settings; writes bench/results/quality.{md,json}
+    python bench/quality.py --bits w4a4 --groups none   # a part (rows merge into the json)
 
-For every (bits, method) the transformer is quantized from the same FP model, calibrated on
-the same captured samples, and sampled from the same noise as FP. Metrics:
-- checker accuracy (clq_triton.toy.shapes): shape / colour / position / all three, GenEval-like
+For every (model, bits, scale mode, method) the transformer is quantized from the same FP
+model and calibrated once on the same captured sampler steps (12 classes, noise seed 1); it is
+then sampled from the same noise as FP for each evaluation seed (4 images per class). Metrics,
+mean ± std over the seeds:
+- checker accuracy (clq_triton.toy.shapes): all three attributes right, and shape alone
 - PSNR of each image vs the FP image from the same noise (paired fidelity)
 - FD: Fréchet distance of checker features vs held-out real images (FID-style; lower is better)
-Runs on CPU (PyTorch reference kernels) or CUDA.
+Finished rows are stored in the json as they finish; a rerun skips them (``--fresh`` redoes
+everything). W8A8 runs in one scale mode only (``--w8a8-groups``). CPU (PyTorch reference
+kernels) or CUDA.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -28,103 +36,181 @@ from clq_triton.images import psnr
 from clq_triton.toy.model import WEIGHTS_DIR, calibration_data, load_tiny_dit, sample
 from clq_triton.toy.shapes import N_CLASSES, accuracy, frechet_distance, image_features, real_features
 
-VARIANTS = {  # name → method config (CLQ's CLPS grid is set from the command line)
+VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "RTN": clq_triton.RTN(),
-    "SmoothQuant": clq_triton.SmoothQuant(),
+    "Hadamard": clq_triton.Hadamard(),
     "QuaRot": clq_triton.QuaRot(),
+    "SmoothQuant": clq_triton.SmoothQuant(),
     "CLQ": clq_triton.CLQ(),
     "CLQ w/o CBC": clq_triton.CLQ(cbc=False),
     "CLQ w/o OBS": clq_triton.CLQ(obs=False),
     "CLQ w/o CLPS": clq_triton.CLQ(clps=False),
 }
+MODELS = {"toy": False, "toy+outliers": True}  # name → load_tiny_dit(outliers=...)
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def _mode(group):
+    return f"g{group}" if group else "per-channel"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=WEIGHTS_DIR)
-    ap.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--bits", nargs="+", default=["w4a4", "w4a8"])
+    ap.add_argument("--groups", nargs="+", default=["none", "128", "64"],
+                    help="scale modes: group sizes, 'none' = per token / per output channel")
+    ap.add_argument("--w8a8-groups", nargs="*", default=["64"],
+                    help="scale modes W8A8 also runs in (none: skip W8A8)")
     ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--per-class", type=int, default=2, help="evaluation images per class")
+    ap.add_argument("--per-class", type=int, default=4, help="evaluation images per class")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="evaluation noise seeds")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
     ap.add_argument("--calib-samples", type=int, default=10, help="captured sampler steps")
-    ap.add_argument("--w-clips", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.85, 0.8],
-                    help="CLPS weight clip grid")
-    ap.add_argument("--a-clips", type=float, nargs="+", default=[1.0, 0.9, 0.8],
-                    help="CLPS activation clip grid")
-    ap.add_argument("--groups", nargs="+", default=["64", "128", "none"],
-                    help="scale modes: group sizes, 'none' = per token / per output channel")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "quality.md"))
+    ap.add_argument("--w-clips", type=float, nargs="+", default=None,
+                    help="CLPS weight clip grid of the CLQ rows (default: CLQ's)")
+    ap.add_argument("--a-clips", type=float, nargs="+", default=None,
+                    help="CLPS activation clip grid of the CLQ rows (default: CLQ's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--json", default=os.path.join(RESULTS, "quality.json"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "quality.md"))
+    ap.add_argument("--fresh", action="store_true", help="ignore rows already in the json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     groups = [None if g.lower() == "none" else int(g) for g in args.groups]
+    w8_groups = [None if g.lower() == "none" else int(g) for g in args.w8a8_groups]
+    jobs = [(b, g) for b in args.bits for g in groups]
+    jobs += [("w8a8", g) for g in w8_groups if ("w8a8", g) not in jobs]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    grid = dict(w_clip_grid=tuple(args.w_clips), a_clip_grid=tuple(args.a_clips))
-    fp, sched = load_tiny_dit(args.weights)
-    fp = fp.to(device)
+    store = {"rows": {}} if args.fresh or not os.path.exists(args.json) else \
+        json.load(open(args.json))
+    store["machine"] = machine(device)
     labels = torch.arange(N_CLASSES).repeat(args.per_class)
     real = real_features(40)
-    data = calibration_data(fp, sched, args.steps, args.calib_samples, progress=False)
+    settings = dict(per_class=args.per_class, seeds=args.seeds, steps=args.steps,
+                    calib_samples=args.calib_samples)
+    variants = dict(VARIANTS)
+    for name, m in variants.items():
+        if isinstance(m, clq_triton.CLQ) and (args.w_clips or args.a_clips):
+            variants[name] = dataclasses.replace(
+                m, w_clip_grid=tuple(args.w_clips or m.w_clip_grid),
+                a_clip_grid=tuple(args.a_clips or m.a_clip_grid))
 
-    def evaluate(model):
-        t0 = time.time()
-        imgs = sample(model, sched, labels, steps=args.steps, seed=0)
-        return imgs, time.time() - t0
-
-    fp_imgs, fp_time = evaluate(fp)
-    rows = [("FP", "-", "-", accuracy(fp_imgs, labels), float("inf"),
-             frechet_distance(image_features(fp_imgs), real), 0.0, fp_time)]
-    print(f"FP: {rows[0][3]}")
-    for bits in args.bits:
-        for group in groups:
+    for model_name in args.models:
+        fp, sched = load_tiny_dit(args.weights, outliers=MODELS[model_name])
+        fp = fp.to(device)
+        data = calibration_data(fp, sched, args.steps, args.calib_samples, progress=False)
+        fp_imgs = {}
+        for seed in args.seeds:
+            fp_imgs[seed] = sample(fp, sched, labels, steps=args.steps, seed=seed)
+        key = f"{model_name}|FP"
+        store["rows"][key] = dict(model=model_name, bits="-", mode="-", method="FP",
+                                  calib_s=0.0, settings=settings,
+                                  seeds=[metrics(fp_imgs[s], None, labels, real)
+                                         for s in args.seeds])
+        for bits, group in jobs:
             config = clq_triton.QuantConfig.from_bits(bits, group_size=group)
             for name in args.methods:
+                key = f"{model_name}|{bits}|{_mode(group)}|{name}"
+                old = store["rows"].get(key)
+                if old and old.get("settings") == settings and \
+                        old.get("method_config") == _jsonable(variants[name].to_dict()):
+                    continue
                 model = copy.deepcopy(fp)
                 t0 = time.time()
-                method = VARIANTS[name]
-                if isinstance(method, clq_triton.CLQ):
-                    method = dataclasses.replace(method, **grid)
-                clq_triton.patch(model, config, method, data, progress=False)
-                calib_time = time.time() - t0
-                imgs, gen_time = evaluate(model)
-                mode = f"g{group}" if group else "per-channel"
-                row = (name, bits, mode, accuracy(imgs, labels), psnr(imgs, fp_imgs),
-                       frechet_distance(image_features(imgs), real), calib_time, gen_time)
-                rows.append(row)
-                print(f"{bits} {mode} {name}: acc {row[3]['overall']:.3f} PSNR {row[4]:.2f} "
-                      f"FD {row[5]:.4f} ({calib_time:.0f}s calib)", flush=True)
-    write_table(args, rows, device, len(data))
+                clq_triton.patch(model, config, variants[name], data, progress=False)
+                calib = time.time() - t0
+                per_seed = [metrics(sample(model, sched, labels, steps=args.steps, seed=s),
+                                    fp_imgs[s], labels, real) for s in args.seeds]
+                row = dict(model=model_name, bits=bits, mode=_mode(group), method=name,
+                           method_config=_jsonable(variants[name].to_dict()), calib_s=calib,
+                           settings=settings, seeds=per_seed)
+                store["rows"][key] = row
+                s = summary(row)
+                print(f"{key}: acc {s['acc']} PSNR {s['psnr']} FD {s['fd']} "
+                      f"({calib:.0f}s calib)", flush=True)
+                save(args, store)
+    save(args, store)
 
 
-def write_table(args, rows, device, n_calib):
-    machine = (torch.cuda.get_device_name() if device == "cuda"
-               else f"CPU ({platform.processor() or platform.machine()}, "
-                    f"{os.cpu_count()} cores), PyTorch reference kernels")
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+def metrics(imgs, fp_imgs, labels, real) -> dict:
+    acc = accuracy(imgs, labels)
+    return dict(acc=acc["overall"], shape=acc["shape"], colour=acc["colour"],
+                position=acc["position"],
+                psnr=None if fp_imgs is None else psnr(imgs, fp_imgs),
+                fd=frechet_distance(image_features(imgs), real))
+
+
+def _ms(values, digits):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "∞"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary(row) -> dict:
+    s = row["seeds"]
+    return {k: _ms([x[k] for x in s], d) for k, d in
+            (("acc", 3), ("shape", 3), ("psnr", 2), ("fd", 3))}
+
+
+def machine(device) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads), PyTorch reference kernels")
+
+
+def save(args, store) -> None:
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    store["updated"] = str(datetime.date.today())
+    store["command"] = " ".join(["python bench/quality.py", *sys.argv[1:]])
+    with open(args.json, "w") as f:
+        json.dump(store, f, indent=1)
+    write_table(args, store)
+
+
+def write_table(args, store) -> None:
+    rows = store["rows"]
+    settings = next(iter(rows.values()))["settings"] if rows else {}
     lines = [
-        "# Quality of quantized tiny DiT (coloured shapes, 48 classes)",
+        "# Quality of the quantized tiny DiT (coloured shapes, 48 classes)",
         "",
-        f"Measured {datetime.date.today()} on {machine} by "
-        f"`{' '.join(['python bench/quality.py', *sys.argv[1:]])}`;",
-        f"{N_CLASSES * args.per_class} images ({args.per_class} per class), DDIM {args.steps} "
-        f"steps, guidance 2.0, same noise for every row; calibration: {n_calib} captured "
-        "sampler steps of 12 other classes and other noise. Hadamard block 64; scale modes "
-        "(kernels.formats): gN = activation scale per token per N channels and two-level "
-        "4-bit weights, per-channel = one scale per token and per output channel; "
-        f"CLPS grid w {args.w_clips} × a {args.a_clips}.",
+        f"Last updated {store['updated']} on {store['machine']} by `{store['command']}` "
+        "(rows of earlier invocations with the same settings are kept; see the json).",
+        f"{N_CLASSES * settings.get('per_class', 0)} images per seed "
+        f"({settings.get('per_class')} per class), evaluation seeds {settings.get('seeds')}, "
+        f"DDIM {settings.get('steps')} steps, guidance 2.0, the same noise for every row of a "
+        f"seed; calibration: {settings.get('calib_samples')} captured sampler steps of 12 "
+        "other classes and other noise. Values: mean ± std over the seeds. Models: `toy` is "
+        "the shipped model, `toy+outliers` the same FP function with real-DiT-like "
+        "activation outliers (clq_triton.toy.outliers). Scale modes (kernels.formats): gN = "
+        "activation scale per token per N channels and two-level 4-bit weights, per-channel "
+        "= one scale per token and per output channel. Hadamard block 64.",
         "",
-        "| bits | scales | method | overall acc | shape | colour | position | PSNR vs FP (dB) |"
-        " FD ↓ | calib s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | bits | scales | method | acc (all 3) | shape acc | PSNR vs FP (dB) | FD ↓ |"
+        " calib s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, bits, mode, acc, p, fd, ct, _ in rows:
-        ps = "∞" if p == float("inf") else f"{p:.2f}"
-        lines.append(f"| {bits} | {mode} | {name} | {acc['overall']:.3f} | {acc['shape']:.3f} | "
-                     f"{acc['colour']:.3f} | {acc['position']:.3f} | {ps} | {fd:.4f} | "
-                     f"{ct:.0f} |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    order = {m: i for i, m in enumerate(["FP", *VARIANTS])}
+    keyed = sorted(rows.values(), key=lambda r: (r["model"], r["bits"] != "-", r["bits"],
+                                                 r["mode"], order.get(r["method"], 99)))
+    for r in keyed:
+        s = summary(r)
+        lines.append(f"| {r['model']} | {r['bits']} | {r['mode']} | {r['method']} | {s['acc']} "
+                     f"| {s['shape']} | {s['psnr']} | {s['fd']} | {r['calib_s']:.0f} |")
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

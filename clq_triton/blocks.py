@@ -87,20 +87,3 @@ def block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData, devi
     if len(caught) != len(data.samples):
         raise RuntimeError("the block was not called once per calibration sample")
     return caught
-
-
-def block_outputs(model: nn.Module, blocks: list[nn.Module], data: CalibrationData, device):
-    """outs[b][s]: the output tensors of blocks[b] for sample s (on CPU), from one pass each."""
-    outs = [[] for _ in blocks]
-    handles = [blk.register_forward_hook(
-        lambda m, a, o, b=b: outs[b].append([t.detach().cpu() for t in output_tensors(o)]))
-        for b, blk in enumerate(blocks)]
-    finals = []
-    try:
-        for sample in data.samples:
-            finals.append([t.detach().cpu() for t in output_tensors(run_model(model, sample,
-                                                                                device))])
-    finally:
-        for h in handles:
-            h.remove()
-    return outs, finals

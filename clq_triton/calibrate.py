@@ -1,28 +1,36 @@
 """Calibrated quantization (methods.Calibrated: CLQ, SmoothQuant), block by block.
 
-Blocks are processed in execution order. For block i:
-1. CBC: its recorded inputs come from running the model with blocks 0..i-1 already quantized
-   (with ``cbc=False`` they come from the full-precision model).
+Blocks are processed in execution order; the calibration samples' block inputs are carried
+forward from block to block (stream.BlockStream: O(L) block runs, a replay of the model only
+where a block's call does not follow from the previous block's). For block i:
+1. CBC: its inputs come from the model with blocks 0..i-1 already quantized (the quantized
+   stream); with ``cbc=False`` from the full-precision model (the FP stream).
 2. Per-channel max |x| of every Linear input in the block (full-precision block on those
-   inputs) gives the method's channel transform (CLQ's OBS permutation, SmoothQuant's D).
+   inputs) gives the method's channel transform (CLQ's OBS, SmoothQuant's D).
 3. CLPS (CLQ with ``clps``): each Linear in turn (in module order, earlier ones already
    quantized) tries every (w_clip, a_clip) on the grid and keeps the pair with the least
-   squared error at the target: the block's output vs the full-precision model's ("block"),
-   the transformer's final output ("output"), or the layer's own output ("layer").
+   squared error at the target vs the full-precision model: the block's output ("block"),
+   the output of the block d blocks later where the layer's own error peaks ("depth"), the
+   transformer's final output ("output"), or the layer's own output ("layer").
+FP block outputs are computed per block from the FP stream, never held for all blocks.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import block_inputs, block_outputs, find_blocks, output_tensors, run_block, run_model
+from .blocks import find_blocks, output_tensors, run_block, run_model
 from .capture import CalibrationData
 from .config import QuantConfig
 from .methods import Calibrated
 from .quant_linear import QuantLinear
 from .smoothing import ChannelMax
+from .stream import BlockStream, Link, block_links
+
 
 def _sq_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return sum(float((g.float().cpu() - w.float()).pow(2).sum()) for g, w in zip(got, want))
@@ -34,75 +42,158 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def reach(links: list[Link | None], start: int, depth: int) -> int:
+    """How many blocks past ``start`` (at most ``depth``) the links lead without a gap."""
+    d = 0
+    while d < depth and start + d < len(links) and links[start + d] is not None:
+        d += 1
+    return d
+
+
+def run_blocks(blocks, links, start: int, calls, depth: int, device):
+    """outs[d][s]: output tensors (CPU) of blocks[start + d] for call s, d = 0..depth,
+    running each block as it is now and building each next call through its link."""
+    by_depth = []
+    for d in range(depth + 1):
+        outs = [[t.cpu() for t in run_block(blocks[start + d], c, device)] for c in calls]
+        by_depth.append(outs)
+        if d < depth:
+            link = links[start + d]
+            calls = [link.next_call(c, o) for c, o in zip(calls, outs)]
+    return by_depth
+
+
 def calibrate(
     model: nn.Module,
     data: CalibrationData,
     layers: list[tuple[str, nn.Linear, QuantConfig]],
     method: Calibrated,
     progress: bool = True,
+    depths: dict[str, int] | None = None,
 ) -> dict[str, QuantLinear]:
     """Quantize ``layers`` (name, Linear, its config from ``method.layer_config``) of
-    ``model`` in place with ``method``; returns name → installed QuantLinear."""
+    ``model`` in place with ``method``; returns name → installed QuantLinear.
+    ``depths``: filled with name → the target depth CLPS chose (``clps_target="depth"``)."""
     if not len(data):
         raise ValueError("calibration data is empty")
     device = next(model.parameters()).device
-    blocks = find_blocks(model, data.samples[0], device)
+    named = find_blocks(model, data.samples[0], device)
+    names, blocks = [n for n, _ in named], [b for _, b in named]
     by_block = {bname: [(n, lin, cfg) for n, lin, cfg in layers
-                        if n == bname or n.startswith(bname + ".")] for bname, _ in blocks}
+                        if n == bname or n.startswith(bname + ".")] for bname in names}
     in_blocks = {n for todo in by_block.values() for n, _, _ in todo}
     outside = [n for n, _, _ in layers if n not in in_blocks]
     if outside:
         raise ValueError(f"calibrated methods quantize layers inside blocks only; outside: {outside}")
-    search = method.search
-    target = method.clps_target if search else None
-    fp_outs = fp_final = None
-    if target in ("block", "output"):
-        fp_outs, fp_final = block_outputs(model, [b for _, b in blocks], data, device)
+    target = method.clps_target if method.search else None
+    links = block_links(model, blocks, data.samples[0], device)
+    cbc = method.cbc
+    fp_final = None
+    if target == "output":
+        fp_final = [[t.cpu() for t in output_tensors(run_model(model, s, device))]
+                    for s in data.samples]
+    # The quantized stream follows the live model; the FP stream needs FP blocks for its
+    # replays: with CBC the live model's earlier blocks are quantized, so a copy.
+    q_stream = BlockStream(model, names, links, data, device) if cbc else None
+    fp_stream = None
+    if not cbc or target in ("block", "depth"):
+        if cbc and any(link is None for link in links):
+            fp_model = copy.deepcopy(model)
+            fp_stream = BlockStream(fp_model, names, links, data, device)
+        else:
+            fp_stream = BlockStream(model, names, links, data, device)
     done: dict[str, QuantLinear] = {}
     pending: list[tuple[str, QuantLinear]] = []
-    for bi, (bname, block) in enumerate(tqdm(blocks, desc=f"calibrate {method.name}",
-                                             disable=not progress)):
+    for bi, bname in enumerate(tqdm(names, desc=f"calibrate {method.name}",
+                                    disable=not progress)):
         todo = by_block[bname]
-        if not todo:
-            continue
-        calls = block_inputs(model, block, data, device)
-        stats = ChannelMax({n: lin for n, lin, _ in todo})
-        layer_x: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in todo}
-        grab = [lin.register_forward_pre_hook(lambda m, a, n=n: layer_x[n].append(a[0].cpu()))
-                for n, lin, _ in todo] if target == "layer" else []
-        try:
-            for call in calls:
-                run_block(block, call, device)
-        finally:
-            stats.close()
-            for h in grab:
-                h.remove()
-
-        def target_error() -> float:
-            if target == "block":  # fetched by name: the block may be the layer
-                current = model.get_submodule(bname)
-                return sum(_sq_err(run_block(current, c, device), fp_outs[bi][s])
-                           for s, c in enumerate(calls))
-            return sum(_sq_err(output_tensors(run_model(model, smp, device)), fp_final[s])
-                       for s, smp in enumerate(data.samples))
-
-        for name, lin, cfg in todo:
-            perm, cs = method.channel_transform(stats.amax[name], lin, cfg)
-            if not search:
-                q = QuantLinear.from_linear(lin, cfg, perm, cs)
-            elif target == "layer":
-                q = _search_layer(lin, cfg, perm, cs, layer_x[name], method, device)
-            else:
-                q = _search(model, name, lin, cfg, perm, cs, method, target_error)
-            set_submodule(model, name, q)
-            done[name] = q
-        if not method.cbc:  # later blocks must see full-precision inputs: install at the end
-            for name, lin, _ in todo:
-                pending.append((name, done[name]))
-                set_submodule(model, name, lin)
+        # FP outputs of this block (and, for "depth", of the next ones): blocks bi.. are FP now
+        fp_deep = None
+        if fp_stream is not None:
+            depth = reach(links, bi, method.clps_depth) if target == "depth" else 0
+            fp_deep = run_blocks(fp_stream.blocks, links, bi, fp_stream.calls, depth, device)
+        if todo:
+            calls = q_stream.calls if cbc else fp_stream.calls
+            _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_deep,
+                             fp_final, data, device, done, depths)
+            if not cbc:  # later blocks must see full-precision inputs: install at the end
+                for name, lin, _ in todo:
+                    pending.append((name, done[name]))
+                    set_submodule(model, name, lin)
+        if bi + 1 < len(blocks):
+            if q_stream is not None:
+                q_stream.advance()  # runs block bi as it is now: quantized
+            if fp_stream is not None:
+                fp_stream.advance(fp_deep[0])
     for name, q in pending:
         set_submodule(model, name, q)
     return done
+
+
+def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_deep,
+                     fp_final, data, device, done, depths) -> None:
+    """Quantize the Linears ``todo`` of block ``names[bi]`` on its ``calls``."""
+
+    def blocks():  # by name: the block may be the layer, replaced by a candidate
+        return [model.get_submodule(n) for n in names]
+
+    stats = ChannelMax({n: lin for n, lin, _ in todo})
+    layer_x: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in todo}
+    grab = [lin.register_forward_pre_hook(lambda m, a, n=n: layer_x[n].append(a[0].cpu()))
+            for n, lin, _ in todo] if target == "layer" else []
+    try:
+        for call in calls:
+            run_block(model.get_submodule(names[bi]), call, device)
+    finally:
+        stats.close()
+        for h in grab:
+            h.remove()
+
+    def error_at(depth: int):
+        """Squared error vs the FP model at block bi + depth, the live model as it is now."""
+        got = run_blocks(blocks(), links, bi, calls, depth, device)[depth]
+        return sum(_sq_err(g, w) for g, w in zip(got, fp_deep[depth]))
+
+    def output_error():
+        return sum(_sq_err(output_tensors(run_model(model, smp, device)), fp_final[s])
+                   for s, smp in enumerate(data.samples))
+
+    for name, lin, cfg in todo:
+        perm, cs = method.channel_transform(stats.amax[name], lin, cfg)
+        if target is None:
+            q = QuantLinear.from_linear(lin, cfg, perm, cs)
+        elif target == "layer":
+            q = _search_layer(lin, cfg, perm, cs, layer_x[name], method, device)
+        elif target == "output":
+            q = _search(model, name, lin, cfg, perm, cs, method, output_error)
+        else:
+            depth = 0
+            if target == "depth":
+                depth = _peak_depth(model, name, lin, cfg, perm, cs, blocks, links, bi, calls,
+                                    len(fp_deep) - 1, device)
+                if depths is not None:
+                    depths[name] = depth
+            q = _search(model, name, lin, cfg, perm, cs, method, lambda: error_at(depth))
+        set_submodule(model, name, q)
+        done[name] = q
+
+
+def _peak_depth(model, name, lin, cfg, perm, cs, blocks, links, bi, calls, max_depth,
+                device) -> int:
+    """CLPS's target depth: the number of blocks after the layer's own at which the squared
+    error its quantization (clips 1.0) causes is largest (the error-versus-depth curve's
+    peak) — measured against the same model with the layer in full precision, at block
+    outputs 0..max_depth."""
+    if max_depth == 0:
+        return 0
+    clean = run_blocks(blocks(), links, bi, calls, max_depth, device)
+    set_submodule(model, name, QuantLinear.from_linear(lin, cfg, perm, cs))
+    try:
+        noisy = run_blocks(blocks(), links, bi, calls, max_depth, device)
+    finally:
+        set_submodule(model, name, lin)
+    err = [sum(_sq_err(n, c) for n, c in zip(noisy[d], clean[d])) for d in range(max_depth + 1)]
+    return max(range(max_depth + 1), key=lambda d: err[d])
 
 
 def _best_clips(lin, cfg, perm, cs, method, error) -> QuantLinear:
@@ -120,7 +211,7 @@ def _best_clips(lin, cfg, perm, cs, method, error) -> QuantLinear:
 
 
 def _search(model, name, lin, cfg, perm, cs, method, target_error) -> QuantLinear:
-    """CLPS at a downstream target: the candidate is installed, the model/block replayed."""
+    """CLPS at a downstream target: the candidate is installed, the model/blocks replayed."""
     def error(q):
         set_submodule(model, name, q)
         return target_error()

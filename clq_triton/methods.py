@@ -116,19 +116,25 @@ class SmoothQuant(Calibrated):
         return None, smoothquant_scale(x_amax, linear.weight, self.alpha)
 
 
-CLPS_TARGETS = ("block", "output", "layer")
+CLPS_TARGETS = ("block", "depth", "output", "layer")
 
 
 @dataclass(frozen=True)
 class CLQ(Calibrated):
     """CLQ: CBC + OBS (outlier permutation + block Hadamard) + CLPS (clip search).
 
-    obs: permute channels by outlier score and rotate; False = no permutation, no rotation.
+    obs: permute channels by outlier score and rotate; False = no smoothing, no
+        permutation, no rotation.
+    smooth_alpha: OBS smoothing: before the permutation, scale channels by SmoothQuant's
+        D = max|W_c|^(1-α) / max|X_c|^α (folded into the weights), so the outlier score and
+        the rotation see the smoothed activations; None = no smoothing (permutation and
+        Hadamard only). A per-channel rescaling of the FP model cannot defeat it.
     clps: search (w_clip, a_clip) on the grid; False = clip ratios 1.0.
     w_clip_grid / a_clip_grid: the CLPS grid; every pair is tried.
-    clps_target: where a candidate's error is measured: "block" (the block's output vs the
-        full-precision model's), "output" (the transformer's output) or "layer" (the layer's
-        own output, the local baseline).
+    clps_target: where a candidate's error is measured vs the full-precision model: "block"
+        (the block's output), "depth" (the output of the block, at most ``clps_depth``
+        blocks later, where the squared error the layer causes peaks), "output" (the
+        transformer's output) or "layer" (the layer's own output, the local baseline).
     """
 
     name: ClassVar[str] = "clq"
@@ -137,10 +143,16 @@ class CLQ(Calibrated):
     w_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
     a_clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8)
     clps_target: str = "block"
+    clps_depth: int = 3
+    smooth_alpha: float | None = None
 
     def __post_init__(self):
         if self.clps_target not in CLPS_TARGETS:
             raise ValueError(f"clps_target must be one of {CLPS_TARGETS}, got {self.clps_target!r}")
+        if not isinstance(self.clps_depth, int) or self.clps_depth < 0:
+            raise ValueError(f"clps_depth must be an int >= 0, got {self.clps_depth!r}")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha!r}")
         for v in (*self.w_clip_grid, *self.a_clip_grid):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"clip ratios must be in (0, 1], got {v!r}")
@@ -161,7 +173,11 @@ class CLQ(Calibrated):
     def channel_transform(self, x_amax, linear, config):
         if config.hadamard_block is None:
             return None, None
-        return outlier_permutation(x_amax, config.hadamard_block), None
+        cs = None
+        if self.smooth_alpha is not None:
+            cs = smoothquant_scale(x_amax, linear.weight, self.smooth_alpha)
+            x_amax = x_amax * cs
+        return outlier_permutation(x_amax, config.hadamard_block), cs
 
 
 METHODS = {cls.name: cls for cls in (CLQ, SmoothQuant, QuaRot, RTN, Hadamard)}

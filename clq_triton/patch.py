@@ -35,6 +35,7 @@ class PatchReport:
     skipped: dict[str, str] = field(default_factory=dict)  # name → reason
     fp_weight_bytes: int = 0  # bf16 bytes of the quantized layers' weights
     quant_weight_bytes: int = 0  # their packed codes + scales
+    clps_depths: dict[str, int] = field(default_factory=dict)  # CLQ(clps_target="depth")
 
     @property
     def weight_ratio(self) -> float:
@@ -142,7 +143,8 @@ def patch(
         warnings.warn(f"clq_triton.patch found no eligible nn.Linear in "
                       f"{type(model).__name__}: nothing was quantized{hint}", stacklevel=2)
     if method.calibrated:
-        quantized = calibrate(model, calibration, todo, method, progress)
+        quantized = calibrate(model, calibration, todo, method, progress,
+                              depths=report.clps_depths)
     else:
         quantized = {}
         for name, lin, cfg in tqdm(todo, desc=f"quantize {config.name}", disable=not progress):

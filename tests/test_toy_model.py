@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -41,16 +42,24 @@ def test_train_script_and_quality_table_run(tmp_path):
     model, sched = load_tiny_dit(str(tmp_path))
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in new_tiny_dit().parameters())
-    table = tmp_path / "quality.md"
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quality.py"),
-                          "--weights", str(tmp_path), "--bits", "w4a4", "--methods", "RTN", "CLQ",
-                          "--per-class", "1", "--steps", "2", "--calib-samples", "1",
-                          "--w-clips", "1.0", "0.9", "--a-clips", "1.0", "--groups", "64", "none",
-                          "--out", str(table)],
-                         capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, CLQ_BACKEND="torch"))
+    table, store = tmp_path / "quality.md", tmp_path / "quality.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "quality.py"), "--weights", str(tmp_path),
+           "--models", "toy+outliers", "--bits", "w4a4", "--methods", "RTN", "CLQ",
+           "--per-class", "1", "--seeds", "0", "1", "--steps", "2", "--calib-samples", "1",
+           "--w-clips", "1.0", "0.9", "--a-clips", "1.0", "--w8a8-groups",
+           "--out", str(table), "--json", str(store)]
+    env = dict(os.environ, CLQ_BACKEND="torch")
+    out = subprocess.run(cmd + ["--groups", "64"], capture_output=True, text=True, timeout=600,
+                         env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [ln for ln in table.read_text().splitlines() if ln.startswith("| ")]
-    assert [(r.split("|")[2].strip(), r.split("|")[3].strip()) for r in rows[1:]] == [
+    out = subprocess.run(cmd + ["--groups", "64", "none"], capture_output=True, text=True,
+                         timeout=600, env=env)  # adds the per-channel rows, keeps the g64 ones
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "g64" not in out.stdout and out.stdout.count("per-channel") == 2
+    rows = [ln.split("|") for ln in table.read_text().splitlines() if ln.startswith("| ")]
+    assert [(r[3].strip(), r[4].strip()) for r in rows[1:]] == [
         ("-", "FP"), ("g64", "RTN"), ("g64", "CLQ"), ("per-channel", "RTN"),
         ("per-channel", "CLQ")]
+    assert all(r[1].strip() == "toy+outliers" and " ± " in r[5] for r in rows[1:])
+    saved = json.loads(store.read_text())
+    assert len(saved["rows"]) == 5 and all(len(r["seeds"]) == 2 for r in saved["rows"].values())

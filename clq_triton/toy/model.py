@@ -30,13 +30,22 @@ def new_scheduler() -> DDPMScheduler:
                          timestep_spacing="trailing")
 
 
-def load_tiny_dit(directory: str = WEIGHTS_DIR) -> tuple[DiTTransformer2DModel, DDIMScheduler]:
-    """The shipped model (eval mode, float32, CPU) and its DDIM sampling scheduler."""
+def load_tiny_dit(directory: str = WEIGHTS_DIR, outliers: bool = False
+                  ) -> tuple[DiTTransformer2DModel, DDIMScheduler]:
+    """The shipped model (eval mode, float32, CPU) and its DDIM sampling scheduler.
+
+    outliers: give it the activation outliers of real DiTs (scaled channels and adaLN
+    offsets) by the function-preserving transform of :func:`toy.outliers.add_outliers`
+    (default settings, seed 0): the same FP model, harder to quantize."""
     if not os.path.exists(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"no tiny DiT weights in {directory}: train them with "
                                 "examples/train_tiny_dit.py")
     model = DiTTransformer2DModel.from_pretrained(directory).eval()
     scheduler = DDIMScheduler.from_pretrained(directory)
+    if outliers:
+        from .outliers import add_outliers
+
+        add_outliers(model)
     return model, scheduler
 
 
