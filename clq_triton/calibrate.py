@@ -28,7 +28,7 @@ from .capture import CalibrationData
 from .config import QuantConfig
 from .methods import Calibrated
 from .quant_linear import QuantLinear
-from .smoothing import ChannelMax
+from .smoothing import ChannelRange
 from .stream import BlockStream, Link, block_links
 
 
@@ -137,7 +137,7 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
     def blocks():  # by name: the block may be the layer, replaced by a candidate
         return [model.get_submodule(n) for n in names]
 
-    stats = ChannelMax({n: lin for n, lin, _ in todo})
+    stats = ChannelRange({n: lin for n, lin, _ in todo})
     layer_x: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in todo}
     grab = [lin.register_forward_pre_hook(lambda m, a, n=n: layer_x[n].append(a[0].cpu()))
             for n, lin, _ in todo] if target == "layer" else []
@@ -159,27 +159,27 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
                    for s, smp in enumerate(data.samples))
 
     for name, lin, cfg in todo:
-        perm, cs = method.channel_transform(stats.amax[name], lin, cfg)
+        tf = method.channel_transform(stats.lo[name], stats.hi[name], stats.mean[name], lin,
+                                      cfg)
         if target is None:
-            q = QuantLinear.from_linear(lin, cfg, perm, cs)
+            q = _quantize(lin, cfg, tf)
         elif target == "layer":
-            q = _search_layer(lin, cfg, perm, cs, layer_x[name], method, device)
+            q = _search_layer(lin, cfg, tf, layer_x[name], method, device)
         elif target == "output":
-            q = _search(model, name, lin, cfg, perm, cs, method, output_error)
+            q = _search(model, name, lin, cfg, tf, method, output_error)
         else:
             depth = 0
             if target == "depth":
-                depth = _peak_depth(model, name, lin, cfg, perm, cs, blocks, links, bi, calls,
+                depth = _peak_depth(model, name, lin, cfg, tf, blocks, links, bi, calls,
                                     len(fp_deep) - 1, device)
                 if depths is not None:
                     depths[name] = depth
-            q = _search(model, name, lin, cfg, perm, cs, method, lambda: error_at(depth))
+            q = _search(model, name, lin, cfg, tf, method, lambda: error_at(depth))
         set_submodule(model, name, q)
         done[name] = q
 
 
-def _peak_depth(model, name, lin, cfg, perm, cs, blocks, links, bi, calls, max_depth,
-                device) -> int:
+def _peak_depth(model, name, lin, cfg, tf, blocks, links, bi, calls, max_depth, device) -> int:
     """CLPS's target depth: the number of blocks after the layer's own at which the squared
     error its quantization (clips 1.0) causes is largest (the error-versus-depth curve's
     peak) — measured against the same model with the layer in full precision, at block
@@ -187,7 +187,7 @@ def _peak_depth(model, name, lin, cfg, perm, cs, blocks, links, bi, calls, max_d
     if max_depth == 0:
         return 0
     clean = run_blocks(blocks(), links, bi, calls, max_depth, device)
-    set_submodule(model, name, QuantLinear.from_linear(lin, cfg, perm, cs))
+    set_submodule(model, name, _quantize(lin, cfg, tf))
     try:
         noisy = run_blocks(blocks(), links, bi, calls, max_depth, device)
     finally:
@@ -196,35 +196,39 @@ def _peak_depth(model, name, lin, cfg, perm, cs, blocks, links, bi, calls, max_d
     return max(range(max_depth + 1), key=lambda d: err[d])
 
 
-def _best_clips(lin, cfg, perm, cs, method, error) -> QuantLinear:
+def _quantize(lin, cfg, tf) -> QuantLinear:
+    return QuantLinear.from_linear(lin, cfg, tf.perm, tf.scale, tf.shift)
+
+
+def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:
     """Try every (w_clip, a_clip) on the grid; ``error(q)`` scores a candidate QuantLinear.
     Returns the layer quantized with the best pair (ties keep the earlier pair)."""
     best = (float("inf"), 1.0, 1.0)
     for wc in method.w_clip_grid:
-        q = QuantLinear.from_linear(lin, cfg.replace(w_clip=wc), perm, cs)
+        q = _quantize(lin, cfg.replace(w_clip=wc), tf)
         for ac in method.a_clip_grid:
             q.config = cfg.replace(w_clip=wc, a_clip=ac)
             err = error(q)
             if err < best[0]:
                 best = (err, wc, ac)
-    return QuantLinear.from_linear(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), perm, cs)
+    return _quantize(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), tf)
 
 
-def _search(model, name, lin, cfg, perm, cs, method, target_error) -> QuantLinear:
+def _search(model, name, lin, cfg, tf, method, target_error) -> QuantLinear:
     """CLPS at a downstream target: the candidate is installed, the model/blocks replayed."""
     def error(q):
         set_submodule(model, name, q)
         return target_error()
 
     try:
-        return _best_clips(lin, cfg, perm, cs, method, error)
+        return _best_clips(lin, cfg, tf, method, error)
     finally:
         set_submodule(model, name, lin)
 
 
-def _search_layer(lin, cfg, perm, cs, xs, method, device) -> QuantLinear:
+def _search_layer(lin, cfg, tf, xs, method, device) -> QuantLinear:
     """The local baseline: error at the layer's own output on its recorded inputs."""
     with torch.no_grad():
         want = [lin(x.to(device)) for x in xs]
-        return _best_clips(lin, cfg, perm, cs, method,
+        return _best_clips(lin, cfg, tf, method,
                            lambda q: _sq_err([q(x.to(device)) for x in xs], want))

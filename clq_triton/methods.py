@@ -33,6 +33,16 @@ def fit_hadamard_block(k: int, block: int | None) -> int | None:
 
 
 @dataclass(frozen=True)
+class ChannelTransform:
+    """A layer's input-channel transform x → ((x − shift) · diag(scale))[:, perm] before its
+    rotation; None parts are identities. perm: int32 [K]; scale, shift: float32 [K]."""
+
+    perm: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     """Base of the method configs. Data-free methods only choose each layer's rotation."""
 
@@ -91,11 +101,11 @@ class Calibrated(Method):
         """Whether clipping ratios are searched (CLPS)."""
         return False
 
-    def channel_transform(self, x_amax: torch.Tensor, linear: torch.nn.Linear,
-                          config: QuantConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(permutation S or None, channel multiplier D or None) of one layer, from the max
-        |x| per input channel on its calibration inputs."""
-        return None, None
+    def channel_transform(self, x_lo: torch.Tensor, x_hi: torch.Tensor, x_mean: torch.Tensor,
+                          linear: torch.nn.Linear, config: QuantConfig) -> ChannelTransform:
+        """One layer's channel transform from the min / max / mean per input channel
+        (float32 [K]) of its calibration inputs."""
+        return ChannelTransform()
 
 
 @dataclass(frozen=True)
@@ -112,8 +122,9 @@ class SmoothQuant(Calibrated):
     def layer_config(self, config, k):
         return config.replace(hadamard_block=None)
 
-    def channel_transform(self, x_amax, linear, config):
-        return None, smoothquant_scale(x_amax, linear.weight, self.alpha)
+    def channel_transform(self, x_lo, x_hi, x_mean, linear, config):
+        amax = torch.maximum(x_lo.abs(), x_hi.abs())
+        return ChannelTransform(scale=smoothquant_scale(amax, linear.weight, self.alpha))
 
 
 CLPS_TARGETS = ("block", "depth", "output", "layer")
@@ -125,6 +136,9 @@ class CLQ(Calibrated):
 
     obs: permute channels by outlier score and rotate; False = no smoothing, no
         permutation, no rotation.
+    shift: OBS shift: subtract each channel's calibration mean before the rest (x − δ; the
+        bias gains W·δ), so a per-channel offset that is the same in every token (the adaLN
+        shift of real DiTs) costs no quantization range.
     smooth_alpha: OBS smoothing: before the permutation, scale channels by SmoothQuant's
         D = max|W_c|^(1-α) / max|X_c|^α (folded into the weights), so the outlier score and
         the rotation see the smoothed activations; None = no smoothing (permutation and
@@ -144,6 +158,7 @@ class CLQ(Calibrated):
     a_clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8)
     clps_target: str = "block"
     clps_depth: int = 3
+    shift: bool = False
     smooth_alpha: float | None = None
 
     def __post_init__(self):
@@ -170,14 +185,20 @@ class CLQ(Calibrated):
             return config.replace(hadamard_block=None)
         return super().layer_config(config, k)
 
-    def channel_transform(self, x_amax, linear, config):
+    def channel_transform(self, x_lo, x_hi, x_mean, linear, config):
         if config.hadamard_block is None:
-            return None, None
-        cs = None
+            return ChannelTransform()
+        shift = None
+        if self.shift:
+            shift = x_mean.to(torch.float32)
+            amax = torch.maximum(x_hi - shift, shift - x_lo)
+        else:
+            amax = torch.maximum(x_lo.abs(), x_hi.abs())
+        scale = None
         if self.smooth_alpha is not None:
-            cs = smoothquant_scale(x_amax, linear.weight, self.smooth_alpha)
-            x_amax = x_amax * cs
-        return outlier_permutation(x_amax, config.hadamard_block), cs
+            scale = smoothquant_scale(amax, linear.weight, self.smooth_alpha)
+            amax = amax * scale
+        return ChannelTransform(outlier_permutation(amax, config.hadamard_block), scale, shift)
 
 
 METHODS = {cls.name: cls for cls in (CLQ, SmoothQuant, QuaRot, RTN, Hadamard)}

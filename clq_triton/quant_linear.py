@@ -20,8 +20,10 @@ from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
 
 
 class QuantLinear(nn.Module):
-    """y = Q(x·D·G) · Q(W·D⁻¹·G)ᵀ + b with G = S·H (permutation then block Hadamard) and D an
-    optional positive per-channel diagonal (SmoothQuant); D = I and S = I when absent.
+    """y = Q((x − δ)·D·G) · Q(W·D⁻¹·G)ᵀ + (b + W·δ) with G = S·H (permutation then block
+    Hadamard), D an optional positive per-channel diagonal (smoothing) and δ an optional
+    per-channel shift (its product with the full-precision W is folded into the bias);
+    D = I, S = I and δ = 0 when absent.
 
     Buffers (format version 2, see kernels.formats):
       qweight: 4 bits → uint8 [N, K/2] (split-halves packing); 8 bits → int8 [N, K]
@@ -30,7 +32,8 @@ class QuantLinear(nn.Module):
                size (two-level code), else None
       perm:    int32 [K] channel permutation S, or None
       channel_scale: float32 [K] diagonal of D, or None
-      bias:    float32 [N], or None
+      channel_shift: float32 [K] δ, or None (subtracted in float32 before the kernels)
+      bias:    float32 [N] (b + W·δ), or None
     The settings (bits, group size, Hadamard block, activation clip) travel in the state dict
     as extra state, so ``load_state_dict`` restores a layer exactly.
 
@@ -47,6 +50,7 @@ class QuantLinear(nn.Module):
         config: QuantConfig = QuantConfig(),
         has_perm: bool = False,
         has_channel_scale: bool = False,
+        has_channel_shift: bool = False,
         device=None,
     ):
         super().__init__()
@@ -67,6 +71,8 @@ class QuantLinear(nn.Module):
                              if has_perm else None)
         self.register_buffer("channel_scale", torch.ones(in_features, device=device)
                              if has_channel_scale else None)
+        self.register_buffer("channel_shift", torch.zeros(in_features, device=device)
+                             if has_channel_shift else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.register_load_state_dict_post_hook(_check_loaded_perm)
 
@@ -77,11 +83,13 @@ class QuantLinear(nn.Module):
         config: QuantConfig = QuantConfig(),
         perm: torch.Tensor | None = None,
         channel_scale: torch.Tensor | None = None,
+        channel_shift: torch.Tensor | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear`` offline: W' = W·D⁻¹·S·H (float32 on the weight's device), then
         symmetric quantization with ``config.w_clip`` (kernels.quantize.quantize_weight_ref).
 
-        perm: int [K] permutation (see kernels.hadamard); channel_scale: positive float [K]."""
+        perm: int [K] permutation (see kernels.hadamard); channel_scale: positive float [K];
+        channel_shift: finite float [K] (the layer then has a bias: b + W·δ, in float64)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -93,9 +101,13 @@ class QuantLinear(nn.Module):
         if channel_scale is not None and (channel_scale.shape != (k,)
                                           or not bool((channel_scale > 0).all())):
             raise ValueError(f"channel_scale must be positive with shape ({k},)")
+        if channel_shift is not None and (channel_shift.shape != (k,)
+                                          or not bool(torch.isfinite(channel_shift).all())):
+            raise ValueError(f"channel_shift must be finite with shape ({k},)")
         b = linear.bias
-        q = cls(k, n, bias=b is not None, config=config, has_perm=perm is not None,
-                has_channel_scale=channel_scale is not None, device=w.device)
+        q = cls(k, n, bias=b is not None or channel_shift is not None, config=config,
+                has_perm=perm is not None, has_channel_scale=channel_scale is not None,
+                has_channel_shift=channel_shift is not None, device=w.device)
         w = w.float()
         if channel_scale is not None:
             cs = channel_scale.to(w.device, torch.float32)
@@ -110,7 +122,12 @@ class QuantLinear(nn.Module):
             q.wgroup.copy_(group_int)
         if perm is not None:
             q.perm.copy_(perm.to(torch.int32))
-        if b is not None:
+        if channel_shift is not None:
+            shift = channel_shift.to(w.device, torch.float64)
+            q.channel_shift.copy_(shift)
+            folded = linear.weight.detach().double() @ shift
+            q.bias.copy_(folded if b is None else b.detach().double() + folded)
+        elif b is not None:
             q.bias.copy_(b.detach().float())
         return q
 
@@ -124,6 +141,8 @@ class QuantLinear(nn.Module):
                              f"{self.qweight.device}; move one of them")
         cfg = self.config
         x2 = x.reshape(-1, self.in_features)
+        if self.channel_shift is not None:
+            x2 = (x2.float() - self.channel_shift).to(x.dtype)
         # The operators directly: the buffers were validated when built or loaded (perm read
         # back once there), so the hot path checks only x, above.
         xq, xs = torch.ops.clq_triton.rotate_quantize(x2, self.perm, self.channel_scale,
@@ -172,7 +191,8 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {c.name}, group_size={c.group_size}, "
                 f"hadamard_block={c.hadamard_block}, perm={self.perm is not None}, "
-                f"channel_scale={self.channel_scale is not None}")
+                f"channel_scale={self.channel_scale is not None}, "
+                f"channel_shift={self.channel_shift is not None}")
 
 
 def _package_version() -> str:

@@ -1,5 +1,5 @@
 """Per-channel statistics and the channel transforms built from them: the OBS permutation
-(CLQ) and the SmoothQuant diagonal."""
+(CLQ), the SmoothQuant diagonal and the midpoint shift."""
 
 from __future__ import annotations
 
@@ -7,23 +7,46 @@ import torch
 from torch import nn
 
 
-class ChannelMax:
-    """Running max |x| per input channel of a set of Linears, fed by forward pre-hooks."""
+class ChannelRange:
+    """Running min, max and mean per input channel of a set of Linears, fed by forward
+    pre-hooks (non-finite values are left out).
+
+    After :meth:`close`: ``lo[name]`` / ``hi[name]`` / ``mean[name]`` float32 [K] (0 for
+    channels never seen finite); ``amax(name)`` = max |x| per channel."""
 
     def __init__(self, layers: dict[str, nn.Linear]):
-        self.amax = {n: torch.zeros(m.in_features) for n, m in layers.items()}
+        self.lo = {n: torch.full((m.in_features,), float("inf")) for n, m in layers.items()}
+        self.hi = {n: torch.full((m.in_features,), -float("inf")) for n, m in layers.items()}
+        self._sum = {n: torch.zeros(m.in_features, dtype=torch.float64)
+                     for n, m in layers.items()}
+        self._count = {n: torch.zeros(m.in_features, dtype=torch.float64)
+                       for n, m in layers.items()}
+        self.mean: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
 
     def _hook(self, name):
         def hook(module, args):
             x = args[0].detach()
-            m = x.reshape(-1, x.shape[-1]).abs().float().amax(0).cpu()
-            self.amax[name] = torch.maximum(self.amax[name], torch.nan_to_num(m))
+            x = x.reshape(-1, x.shape[-1]).float()
+            ok = torch.isfinite(x)
+            lo = torch.where(ok, x, float("inf")).amin(0).cpu()
+            hi = torch.where(ok, x, -float("inf")).amax(0).cpu()
+            self.lo[name] = torch.minimum(self.lo[name], lo)
+            self.hi[name] = torch.maximum(self.hi[name], hi)
+            self._sum[name] += torch.where(ok, x, 0.0).double().sum(0).cpu()
+            self._count[name] += ok.double().sum(0).cpu()
         return hook
 
     def close(self):
         for h in self._handles:
             h.remove()
+        for d in (self.lo, self.hi):
+            for n, v in d.items():
+                d[n] = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+        self.mean = {n: (self._sum[n] / self._count[n].clamp(min=1)).float() for n in self.lo}
+
+    def amax(self, name: str) -> torch.Tensor:
+        return torch.maximum(self.lo[name].abs(), self.hi[name].abs())
 
 
 def outlier_permutation(score: torch.Tensor, block: int) -> torch.Tensor:

@@ -1,11 +1,16 @@
 import pytest
+import torch
+from torch import nn
 
+from clq_triton import QuantLinear
 from clq_triton import CLQ, METHODS, RTN, Hadamard, QuantConfig, QuaRot, SmoothQuant
 from clq_triton.methods import method_config, method_from_dict
 
 
 @pytest.mark.parametrize("method", [CLQ(), CLQ(cbc=False, clps_target="output",
-                                               w_clip_grid=(1.0, 0.7)), SmoothQuant(alpha=0.8),
+                                               w_clip_grid=(1.0, 0.7)),
+                                    CLQ(shift=True, smooth_alpha=0.3, clps_target="depth",
+                                        clps_depth=2), SmoothQuant(alpha=0.8),
                                     QuaRot(), RTN(), Hadamard()])
 def test_method_config_roundtrips_through_its_dict(method):
     d = method.to_dict()
@@ -42,3 +47,60 @@ def test_names_stand_for_default_configs():
     assert method_config(None, True) == CLQ() and method_config(None, False) == Hadamard()
     assert set(METHODS) == {"clq", "smoothquant", "quarot", "rtn", "hadamard"}
     assert CLQ(w_clip_grid=[1.0, 0.9]).w_clip_grid == (1.0, 0.9)  # hashable, frozen
+
+
+def _quantized_output(method, lin, x, cfg):
+    """Calibrate one layer's channel transform on x itself (ChannelRange statistics), quantize
+    it and return its output on x."""
+    from clq_triton.smoothing import ChannelRange
+
+    stats = ChannelRange({"l": lin})
+    lin(x)
+    stats.close()
+    cfg = method.layer_config(cfg, lin.in_features)
+    tf = method.channel_transform(stats.lo["l"], stats.hi["l"], stats.mean["l"], lin, cfg)
+    with torch.no_grad():
+        return QuantLinear.from_linear(lin, cfg, tf.perm, tf.scale, tf.shift)(x).double()
+
+
+def _outlier_pair(gen, k=256, n=64):
+    """A Linear and its inputs, and the same FP function with 4 channels scaled 30-80x
+    (x_c·a, W[:, c]/a) and 4 channels offset by 20-40 (x_c + δ, b − W[:, c]·δ)."""
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    x = torch.randn(4, 16, k, generator=gen)
+    chans = torch.randperm(k, generator=gen)[:8]
+    a = torch.ones(k)
+    a[chans[:4]] = 30 + 50 * torch.rand(4, generator=gen)
+    delta = torch.zeros(k)
+    delta[chans[4:]] = 20 + 20 * torch.rand(4, generator=gen)
+    lin2 = nn.Linear(k, n)
+    with torch.no_grad():
+        lin2.weight.copy_(lin.weight / a)
+        lin2.bias.copy_(lin.bias - lin2.weight @ delta)
+    x2 = x * a + delta
+    return lin, x, lin2, x2
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_obs_smoothing_and_shift_undo_rescaling_and_offsets(gen, group):
+    """CLQ with smoothing and shift quantizes a layer the same whether or not its channels were
+    rescaled and offset in an FP-preserving way; plain OBS (permutation + Hadamard) loses."""
+    lin, x, lin2, x2 = _outlier_pair(gen)
+    with torch.no_grad():
+        ref = lin(x).double()
+        torch.testing.assert_close(lin2(x2).double(), ref, rtol=0, atol=1e-3)
+    cfg = QuantConfig(w_bits=4, a_bits=4, group_size=group)
+
+    def err(method, lin_, x_):
+        return float((_quantized_output(method, lin_, x_, cfg) - ref).norm() / ref.norm())
+
+    full = CLQ(shift=True, smooth_alpha=0.5)
+    clean, moved = err(full, lin, x), err(full, lin2, x2)
+    assert moved < 1.1 * clean + 1e-3, (clean, moved)  # invariant up to rounding
+    plain = err(CLQ(), lin2, x2)
+    assert moved < 0.6 * plain, (moved, plain)
+    smooth_only = err(CLQ(smooth_alpha=0.5), lin2, x2)
+    assert moved < smooth_only, (moved, smooth_only)  # the shift earns its place on offsets

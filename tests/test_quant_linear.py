@@ -219,3 +219,40 @@ def test_channel_scale_is_exact_in_fp_and_matches_kernel(device, gen):
     assert rel_err(y, ref) < ERROR_BOUNDS["w8a8"]
     with pytest.raises(ValueError, match="channel_scale must be positive"):
         QuantLinear.from_linear(lin, QuantConfig(), channel_scale=-cs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_channel_shift_removes_offsets_and_folds_into_bias(device, gen, bias):
+    """x with large per-channel offsets (the same in every token): subtracting them (δ) and
+    folding W·δ into the bias keeps the product exact in FP and cuts the W4A4 error."""
+    k, n = 128, 32
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=gen))
+    delta = torch.zeros(k)
+    delta[torch.randperm(k, generator=gen)[:6]] = 40 * (torch.rand(6, generator=gen) + 0.5)
+    x = torch.randn(33, k, generator=gen) + delta
+    ref = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+    cfg = QuantConfig(w_bits=4, a_bits=4, hadamard_block=64)
+    plain = QuantLinear.from_linear(lin, cfg).to(device)
+    shifted = QuantLinear.from_linear(lin, cfg, channel_shift=delta).to(device)
+    assert shifted.bias is not None and shifted.channel_shift is not None
+    want_bias = lin.weight.double() @ delta.double() + (lin.bias.double() if bias else 0)
+    torch.testing.assert_close(shifted.bias.cpu().double(), want_bias, rtol=0, atol=1e-5)
+    e_plain = rel_err(plain(x.to(device)).cpu(), ref)
+    e_shift = rel_err(shifted(x.to(device)).cpu(), ref)
+    assert e_shift < 0.5 * e_plain, (e_shift, e_plain)
+    # 8 bits: close to exact
+    q8 = QuantLinear.from_linear(lin, QuantConfig(w_bits=8, a_bits=8, hadamard_block=64),
+                                 channel_shift=delta).to(device)
+    assert rel_err(q8(x.to(device)).cpu(), ref) < ERROR_BOUNDS["w8a8"]
+    # state dict round trip and validation
+    again = QuantLinear(k, n, bias=True, config=cfg, has_channel_shift=True)
+    again.load_state_dict(shifted.cpu().state_dict())
+    assert torch.equal(again.channel_shift, delta)
+    with pytest.raises(ValueError, match="channel_shift must be finite"):
+        QuantLinear.from_linear(lin, cfg, channel_shift=torch.full((k,), float("nan")))
+    with pytest.raises(ValueError, match="channel_shift must be finite"):
+        QuantLinear.from_linear(lin, cfg, channel_shift=torch.zeros(k + 1))
