@@ -45,8 +45,10 @@ VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "CLQ w/o CBC": clq_triton.CLQ(cbc=False),
     "CLQ w/o OBS": clq_triton.CLQ(obs=False),
     "CLQ w/o CLPS": clq_triton.CLQ(clps=False),
+    "CLQ w/o shift+smoothing": clq_triton.CLQ(shift=False, smooth_alpha=None),
+    "CLQ, CLPS at depth": clq_triton.CLQ(clps_target="depth"),
 }
-MODELS = {"toy": False, "toy+outliers": True}  # name → load_tiny_dit(outliers=...)
+MODELS = {"toy+outliers": True, "toy": False}  # name → load_tiny_dit(outliers=...)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
@@ -128,13 +130,17 @@ def main():
                                     fp_imgs[s], labels, real) for s in args.seeds]
                 row = dict(model=model_name, bits=bits, mode=_mode(group), method=name,
                            method_config=_jsonable(variants[name].to_dict()), calib_s=calib,
-                           settings=settings, seeds=per_seed)
+                           settings=settings, seeds=per_seed, command=_command())
                 store["rows"][key] = row
                 s = summary(row)
                 print(f"{key}: acc {s['acc']} PSNR {s['psnr']} FD {s['fd']} "
                       f"({calib:.0f}s calib)", flush=True)
                 save(args, store)
     save(args, store)
+
+
+def _command() -> str:
+    return " ".join(["python bench/quality.py", *sys.argv[1:]])
 
 
 def _jsonable(d: dict) -> dict:
@@ -174,7 +180,7 @@ def machine(device) -> str:
 def save(args, store) -> None:
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     store["updated"] = str(datetime.date.today())
-    store["command"] = " ".join(["python bench/quality.py", *sys.argv[1:]])
+    store["command"] = _command()
     with open(args.json, "w") as f:
         json.dump(store, f, indent=1)
     write_table(args, store)
@@ -183,11 +189,13 @@ def save(args, store) -> None:
 def write_table(args, store) -> None:
     rows = store["rows"]
     settings = next(iter(rows.values()))["settings"] if rows else {}
+    commands = list(dict.fromkeys(r.get("command", store["command"]) for r in rows.values()))
     lines = [
         "# Quality of the quantized tiny DiT (coloured shapes, 48 classes)",
         "",
-        f"Last updated {store['updated']} on {store['machine']} by `{store['command']}` "
-        "(rows of earlier invocations with the same settings are kept; see the json).",
+        f"Last updated {store['updated']} on {store['machine']}. Rows were made by "
+        + "; ".join(f"`{c}`" for c in commands) + " (a rerun keeps finished rows with the "
+        "same settings; the json has each row's command and per-seed values).",
         f"{N_CLASSES * settings.get('per_class', 0)} images per seed "
         f"({settings.get('per_class')} per class), evaluation seeds {settings.get('seeds')}, "
         f"DDIM {settings.get('steps')} steps, guidance 2.0, the same noise for every row of a "

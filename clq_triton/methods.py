@@ -142,7 +142,8 @@ class CLQ(Calibrated):
     smooth_alpha: OBS smoothing: before the permutation, scale channels by SmoothQuant's
         D = max|W_c|^(1-α) / max|X_c|^α (folded into the weights), so the outlier score and
         the rotation see the smoothed activations; None = no smoothing (permutation and
-        Hadamard only). A per-channel rescaling of the FP model cannot defeat it.
+        Hadamard only). A per-channel rescaling of the FP model cannot defeat it. The
+        defaults (shift, α = 0.3) were chosen on the outlier toy (bench/results/quality.md).
     clps: search (w_clip, a_clip) on the grid; False = clip ratios 1.0.
     w_clip_grid / a_clip_grid: the CLPS grid; every pair is tried.
     clps_target: where a candidate's error is measured vs the full-precision model: "block"
@@ -158,8 +159,8 @@ class CLQ(Calibrated):
     a_clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8)
     clps_target: str = "block"
     clps_depth: int = 3
-    shift: bool = False
-    smooth_alpha: float | None = None
+    shift: bool = True
+    smooth_alpha: float | None = 0.3
 
     def __post_init__(self):
         if self.clps_target not in CLPS_TARGETS:

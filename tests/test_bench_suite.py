@@ -13,3 +13,16 @@ def test_benchmark_suite_runs_once(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "passed" in out.stdout
+
+
+def test_calibration_scale_runs(tmp_path):
+    """bench/calibration_scale.py end to end on its smallest configuration (one PixArt-Σ-wide
+    block, one sample, 16 tokens), in a subprocess as in a real run."""
+    out_md = tmp_path / "scale.md"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "calibration_scale.py"),
+                          "--only-base", "--threads", "2", "--out", str(out_md)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    rows = [ln for ln in out_md.read_text().splitlines() if ln.startswith("| 1 |")]
+    assert len(rows) == 1 and rows[0].split("|")[4].strip() == "10"  # 10 Linears quantized
+    assert (tmp_path / "scale.json").exists()

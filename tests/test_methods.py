@@ -98,9 +98,10 @@ def test_obs_smoothing_and_shift_undo_rescaling_and_offsets(gen, group):
         return float((_quantized_output(method, lin_, x_, cfg) - ref).norm() / ref.norm())
 
     full = CLQ(shift=True, smooth_alpha=0.5)
+    assert CLQ().shift and CLQ().smooth_alpha == 0.3  # the defaults include both
     clean, moved = err(full, lin, x), err(full, lin2, x2)
     assert moved < 1.1 * clean + 1e-3, (clean, moved)  # invariant up to rounding
-    plain = err(CLQ(), lin2, x2)
+    plain = err(CLQ(shift=False, smooth_alpha=None), lin2, x2)
     assert moved < 0.6 * plain, (moved, plain)
-    smooth_only = err(CLQ(smooth_alpha=0.5), lin2, x2)
+    smooth_only = err(CLQ(shift=False, smooth_alpha=0.5), lin2, x2)
     assert moved < smooth_only, (moved, smooth_only)  # the shift earns its place on offsets
