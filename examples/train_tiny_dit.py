@@ -1,6 +1,7 @@
 """Train the tiny class-conditional DiT on procedurally generated coloured shapes (CPU).
 
     python examples/train_tiny_dit.py --minutes 25      # writes clq_triton/toy/weights/
+    python examples/train_tiny_dit.py --device cuda --batch 256 --lr 1e-3 --patch-size 2
 
 Data: clq_triton.toy.shapes (48 classes = shape × colour × quadrant), drawn fresh each step.
 Objective: v-prediction, cosine noise schedule, AdamW, EMA of the weights (saved).
@@ -28,6 +29,10 @@ def main():
     ap.add_argument("--label-dropout", type=float, default=0.1,
                     help="fraction of samples trained unconditionally (for guidance)")
     ap.add_argument("--init", help="continue from the weights saved in this directory")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where to train (images are drawn on the CPU)")
+    ap.add_argument("--patch-size", type=int, default=4, choices=(2, 4),
+                    help="DiT patch size of a new model (2: 256 tokens, 4× the compute)")
     ap.add_argument("--out", default=WEIGHTS_DIR)
     ap.add_argument("--eval-samples", type=int, default=2 * N_CLASSES,
                     help="FP samples to check after training")
@@ -42,13 +47,14 @@ def main():
 
         model = DiTTransformer2DModel.from_pretrained(args.init).train()
     else:
-        model = new_tiny_dit().train()
+        model = new_tiny_dit(patch_size=args.patch_size).train()
     # Classifier-free guidance needs the unconditional model: drop a sample's label (→ null
     # class N_CLASSES) for all blocks at once. diffusers' own dropout draws per block, so the
     # "null in every block" input used at sampling time would never be seen: switch it off.
     for mod in model.modules():
         if type(mod).__name__ == "LabelEmbedding":
             mod.dropout_prob = 0.0
+    model = model.to(args.device)
     ema = copy.deepcopy(model).eval()
     noise_sched = new_scheduler()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -72,6 +78,7 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         target = noise_sched.get_velocity(x0, eps, t) if v_pred else eps
+        xt, t, cond, target = (v.to(args.device) for v in (xt, t, cond, target))
         loss = (model(xt, timestep=t, class_labels=cond).sample - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,6 +97,7 @@ def main():
             acc = accuracy(sample(ema, sampler, labels), labels)
             print(f"step {step}  EMA sample accuracy {_fmt(acc)}", flush=True)
 
+    ema = ema.cpu()
     ema.save_pretrained(args.out, safe_serialization=True)
     sampler.save_pretrained(args.out)
     labels = torch.arange(args.eval_samples) % N_CLASSES

@@ -13,12 +13,12 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 IMAGE_SIZE = 32
 
 
-def new_tiny_dit() -> DiTTransformer2DModel:
-    """6 blocks, hidden 128 (4 heads × 32), patch 4 on 32×32 RGB (64 tokens), 48 classes
-    plus the null class 48 for classifier-free guidance."""
+def new_tiny_dit(patch_size: int = 4) -> DiTTransformer2DModel:
+    """6 blocks, hidden 128 (4 heads × 32), patch 4 on 32×32 RGB (64 tokens; patch 2: 256),
+    48 classes plus the null class 48 for classifier-free guidance."""
     return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=3,
                                  out_channels=3, num_layers=6, sample_size=IMAGE_SIZE,
-                                 patch_size=4, num_embeds_ada_norm=N_CLASSES)
+                                 patch_size=patch_size, num_embeds_ada_norm=N_CLASSES)
 
 
 def new_scheduler() -> DDPMScheduler:
