@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -140,7 +141,7 @@ def main():
 
 
 def _command() -> str:
-    return " ".join(["python bench/quality.py", *sys.argv[1:]])
+    return "python bench/quality.py " + shlex.join(sys.argv[1:])
 
 
 def _jsonable(d: dict) -> dict:
@@ -173,8 +174,8 @@ def summary(row) -> dict:
 def machine(device) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads), PyTorch reference kernels")
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            "torch threads: see each command), PyTorch reference kernels")
 
 
 def save(args, store) -> None:
