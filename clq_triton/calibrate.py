@@ -29,7 +29,7 @@ from .config import QuantConfig
 from .methods import Calibrated
 from .quant_linear import QuantLinear
 from .smoothing import ChannelRange
-from .stream import BlockStream, Link, block_links
+from .stream import BlockStream, Link, block_links, current_blocks
 
 
 def _sq_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -135,7 +135,7 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
     """Quantize the Linears ``todo`` of block ``names[bi]`` on its ``calls``."""
 
     def blocks():  # by name: the block may be the layer, replaced by a candidate
-        return [model.get_submodule(n) for n in names]
+        return current_blocks(model, names)
 
     stats = ChannelRange({n: lin for n, lin, _ in todo})
     layer_x: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in todo}

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from .config import QuantConfig
-from .smoothing import outlier_permutation, smoothquant_scale
+from .smoothing import abs_max, outlier_permutation, smoothquant_scale
 
 METHOD_FORMAT = 1  # version of Method.to_dict()
 
@@ -123,7 +123,7 @@ class SmoothQuant(Calibrated):
         return config.replace(hadamard_block=None)
 
     def channel_transform(self, x_lo, x_hi, x_mean, linear, config):
-        amax = torch.maximum(x_lo.abs(), x_hi.abs())
+        amax = abs_max(x_lo, x_hi)
         return ChannelTransform(scale=smoothquant_scale(amax, linear.weight, self.alpha))
 
 
@@ -194,7 +194,7 @@ class CLQ(Calibrated):
             shift = x_mean.to(torch.float32)
             amax = torch.maximum(x_hi - shift, shift - x_lo)
         else:
-            amax = torch.maximum(x_lo.abs(), x_hi.abs())
+            amax = abs_max(x_lo, x_hi)
         scale = None
         if self.smooth_alpha is not None:
             scale = smoothquant_scale(amax, linear.weight, self.smooth_alpha)

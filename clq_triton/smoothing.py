@@ -1,5 +1,5 @@
 """Per-channel statistics and the channel transforms built from them: the OBS permutation
-(CLQ), the SmoothQuant diagonal and the midpoint shift."""
+(CLQ) and the SmoothQuant diagonal (CLQ's shift is the channel mean, ChannelRange.mean)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,12 @@ class ChannelRange:
         self.mean = {n: (self._sum[n] / self._count[n].clamp(min=1)).float() for n in self.lo}
 
     def amax(self, name: str) -> torch.Tensor:
-        return torch.maximum(self.lo[name].abs(), self.hi[name].abs())
+        return abs_max(self.lo[name], self.hi[name])
+
+
+def abs_max(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """max |x| per channel from its min ``lo`` and max ``hi``."""
+    return torch.maximum(lo.abs(), hi.abs())
 
 
 def outlier_permutation(score: torch.Tensor, block: int) -> torch.Tensor:

@@ -21,6 +21,12 @@ from .blocks import block_inputs, output_tensors, run_block, run_model
 from .capture import CalibrationData, to_cpu
 
 
+def current_blocks(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The blocks of ``model`` at ``names`` as they are now (a block may have been replaced,
+    e.g. by a QuantLinear candidate when the block is itself a Linear)."""
+    return [model.get_submodule(n) for n in names]
+
+
 @dataclass(frozen=True)
 class Link:
     """How block i+1's call is built: ``sources[k]`` gives leaf k of its flattened
@@ -106,7 +112,7 @@ class BlockStream:
     @property
     def blocks(self) -> list[nn.Module]:
         """The model's blocks as they are now (by name: a block may have been replaced)."""
-        return [self.model.get_submodule(n) for n in self.names]
+        return current_blocks(self.model, self.names)
 
     def outputs(self) -> list[list[torch.Tensor]]:
         """The current block's outputs (CPU) for every sample, running it as it is now."""
@@ -118,14 +124,12 @@ class BlockStream:
         """Move to the next block. ``outs``: the current block's outputs if already computed
         with the block as it is now (saves running it again)."""
         link = self.links[self.index]
+        if link is not None and outs is None:
+            outs = self.outputs()
         self.index += 1
         if link is None:
             self.calls = block_inputs(self.model, self.model.get_submodule(self.names[self.index]),
                                       self.data, self.device)
             self.replays += 1
-            return
-        if outs is None:
-            self.index -= 1
-            outs = self.outputs()
-            self.index += 1
-        self.calls = [link.next_call(c, o) for c, o in zip(self.calls, outs)]
+        else:
+            self.calls = [link.next_call(c, o) for c, o in zip(self.calls, outs)]
