@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
                size (two-level code), else None
       perm:    int32 [K] channel permutation S, or None
       channel_scale: float32 [K] diagonal of D, or None
-      channel_shift: float32 [K] δ, or None (subtracted in float32 before the kernels)
+      channel_shift: float32 [K] δ, or None (subtracted in float32 inside the rotate kernel)
       bias:    float32 [N] (b + W·δ), or None
     The settings (bits, group size, Hadamard block, activation clip) travel in the state dict
     as extra state, so ``load_state_dict`` restores a layer exactly.
@@ -141,13 +141,12 @@ class QuantLinear(nn.Module):
                              f"{self.qweight.device}; move one of them")
         cfg = self.config
         x2 = x.reshape(-1, self.in_features)
-        if self.channel_shift is not None:
-            x2 = (x2.float() - self.channel_shift).to(x.dtype)
         # The operators directly: the buffers were validated when built or loaded (perm read
         # back once there), so the hot path checks only x, above.
-        xq, xs = torch.ops.clq_triton.rotate_quantize(x2, self.perm, self.channel_scale,
-                                                      cfg.hadamard_block, cfg.group_size,
-                                                      cfg.a_bits, float(cfg.a_clip))
+        xq, xs = torch.ops.clq_triton.rotate_quantize(x2, self.perm, self.channel_shift,
+                                                      self.channel_scale, cfg.hadamard_block,
+                                                      cfg.group_size, cfg.a_bits,
+                                                      float(cfg.a_clip))
         y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight, self.wscale, self.wgroup,
                                               self.bias, cfg.a_bits, cfg.w_bits, cfg.group_size,
                                               x.dtype)

@@ -49,18 +49,22 @@ def activations(draw, m, k, dtype):
 
 @SETTINGS
 @given(data=st.data(), layout=layouts(), dtype=st.sampled_from(DTYPES),
-       bits=st.sampled_from([4, 8]), use_perm=st.booleans(), use_cs=st.booleans())
+       bits=st.sampled_from([4, 8]), use_perm=st.booleans(), use_cs=st.booleans(),
+       use_sh=st.booleans())
 def test_rotate_quantize_kernel_vs_reference(kernel_device, data, layout, dtype, bits, use_perm,
-                                             use_cs):
+                                             use_cs, use_sh):
     m, k, block, group = layout
     x, g = data.draw(activations(m, k, dtype))
     perm = torch.randperm(k, generator=g) if use_perm else None
     cs = torch.rand(k, generator=g) + 0.5 if use_cs else None
+    sh = torch.randn(k, generator=g) * 4 if use_sh else None
     dev = kernel_device
     q, s = rotate_quantize(x.to(dev), perm.to(dev) if use_perm else None, block, group, bits,
-                           channel_scale=cs.to(dev) if use_cs else None)
+                           channel_scale=cs.to(dev) if use_cs else None,
+                           channel_shift=sh.to(dev) if use_sh else None)
     with backend("torch"):
-        qr, sr = rotate_quantize(x, perm, block, group, bits, channel_scale=cs)
+        qr, sr = rotate_quantize(x, perm, block, group, bits, channel_scale=cs,
+                                 channel_shift=sh)
     s, q = s.cpu(), q.cpu()
     assert torch.equal(torch.isnan(s), torch.isnan(sr))  # the same groups are poisoned
     torch.testing.assert_close(s, sr, rtol=1e-5, atol=1e-30, equal_nan=True)
@@ -71,7 +75,7 @@ def test_rotate_quantize_kernel_vs_reference(kernel_device, data, layout, dtype,
     # clean rows: within half a step of the exact float64 rotation
     clean = torch.isfinite(x.double()).all(1)
     if clean.any():
-        xd = x.double() * (cs.double() if use_cs else 1.0)
+        xd = (x.double() - (sh.double() if use_sh else 0.0)) * (cs.double() if use_cs else 1.0)
         exact = xd[clean] @ explicit_rotation(k, perm, block)
         step = dequant64(torch.ones_like(codes[clean]), s[clean])
         err = (dequant64(codes[clean], s[clean]) - exact).abs()

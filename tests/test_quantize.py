@@ -107,10 +107,11 @@ def _poisoned(m, k, group, bits, device):
     return q, s
 
 
-def _check_against_ref(x, perm, block, group, bits, clip, q, s, cs=None):
+def _check_against_ref(x, perm, block, group, bits, clip, q, s, cs=None, shift=None):
     """Kernel codes equal the reference's up to ±1 on rare rounding ties; scales to fp32;
     and at clip 1 the dequantized result is within half a step of the exact rotation."""
-    xd = x.cpu().double() * (cs.double() if cs is not None else 1.0)
+    xd = x.cpu().double() - (shift.double() if shift is not None else 0.0)
+    xd = xd * (cs.double() if cs is not None else 1.0)
     codes_ref, scales_ref = quantize_ref(rotate_ref(xd, perm, block).float(), group, bits, clip)
     codes = unpack64(q.cpu()) if bits == 4 else q.cpu().long()
     diff = (codes - codes_ref.long()).abs()
@@ -204,14 +205,21 @@ def test_rotate_quantize_reference_backend_agrees(kernel_device, gen):
 
 @pytest.mark.parametrize("block", [None, 64, 512])
 @pytest.mark.parametrize("group", [64, None])
-def test_rotate_quantize_channel_scale(kernel_device, block, group, gen):
-    x = torch.randn(11, 512, generator=gen, dtype=torch.bfloat16)
-    cs = torch.rand(512, generator=gen) + 0.5
+@pytest.mark.parametrize("use_scale, use_shift", [(True, False), (False, True), (True, True)])
+def test_rotate_quantize_channel_shift_and_scale(kernel_device, block, group, use_scale,
+                                                 use_shift, gen):
+    """(x − δ)·D before the rotation; x carries per-channel offsets ~δ (the adaLN shift kind), so
+    a shift that is skipped, added or applied after D or the permutation shows in the codes."""
+    offset = torch.randn(512, generator=gen) * 8
+    x = (torch.randn(11, 512, generator=gen) + offset).to(torch.bfloat16)
+    cs = torch.rand(512, generator=gen) + 0.5 if use_scale else None
+    shift = offset + torch.randn(512, generator=gen) * 0.1 if use_shift else None
     perm = torch.randperm(512, generator=gen)
     q, s = _poisoned(11, 512, group, 4, kernel_device)
-    rotate_quantize(x.to(kernel_device), perm.to(kernel_device), block, group, 4,
-                    out=(q, s), channel_scale=cs.to(kernel_device))
-    _check_against_ref(x, perm, block, group, 4, 1.0, q, s, cs)
+    rotate_quantize(x.to(kernel_device), perm.to(kernel_device), block, group, 4, out=(q, s),
+                    channel_scale=cs.to(kernel_device) if use_scale else None,
+                    channel_shift=shift.to(kernel_device) if use_shift else None)
+    _check_against_ref(x, perm, block, group, 4, 1.0, q, s, cs, shift)
 
 
 @pytest.mark.parametrize(
@@ -241,5 +249,7 @@ def test_rotate_quantize_rejects_wrong_out_perm_and_channel_scale():
         rotate_quantize(x, perm, 16, 64, 4)
     with pytest.raises(ValueError, match="channel_scale must be float32"):
         rotate_quantize(x, None, None, 64, 4, channel_scale=torch.ones(128, dtype=torch.float64))
+    with pytest.raises(ValueError, match="channel_shift must be float32"):
+        rotate_quantize(x, None, None, 64, 4, channel_shift=torch.zeros(64))
     with pytest.raises(ValueError, match="multiple of the Hadamard block"):
         rotate_quantize(torch.zeros(4, 192), None, 128, None, 4)

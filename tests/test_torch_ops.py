@@ -18,10 +18,11 @@ def test_rotate_quantize_operator(block, group, bits, gen):
     x = torch.randn(9, 256, generator=gen)
     perm = torch.randperm(256, generator=gen).int()
     cs = torch.rand(256, generator=gen) + 0.5
+    shift = torch.randn(256, generator=gen)
     torch.library.opcheck(torch.ops.clq_triton.rotate_quantize.default,
-                          (x, perm, cs, block, group, bits, 0.9))
+                          (x, perm, shift, cs, block, group, bits, 0.9))
     torch.library.opcheck(torch.ops.clq_triton.rotate_quantize.default,
-                          (x.bfloat16(), None, None, block, group, bits, 1.0))
+                          (x.bfloat16(), None, None, None, block, group, bits, 1.0))
 
 
 @pytest.mark.parametrize("w_bits, a_bits, group", [(4, 4, 64), (4, 8, None), (8, 8, 128)])

@@ -1,5 +1,5 @@
-"""Fused online activation path: gather by permutation → (channel multiplier) → block
-Hadamard → quantize → pack, in one pass over x (kernel ``_rotate_quantize_kernel``).
+"""Fused online activation path: gather by permutation → (channel shift, channel multiplier)
+→ block Hadamard → quantize → pack, in one pass over x (kernel ``_rotate_quantize_kernel``).
 
 Layouts and scale modes: :mod:`clq_triton.kernels.formats`. Reference:
 :func:`~clq_triton.kernels.hadamard.rotate_ref`, then
@@ -53,9 +53,11 @@ from .quantize import quantize_ref, scale_multiplier
 
 
 @triton.jit
-def _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_norm, has_perm,
-                    has_cs, HALF: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr):
-    """(y_lo, y_hi) float32 [BM, HALF]: the rotated low- and high-nibble columns of a tile."""
+def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_norm,
+                    has_perm, has_sh, has_cs, HALF: tl.constexpr, ROT: tl.constexpr,
+                    PREC: tl.constexpr):
+    """(y_lo, y_hi) float32 [BM, HALF]: the rotated low- and high-nibble columns of a tile,
+    ((x − shift)·scale)·S·H with the shift and scale indexed by the source column."""
     j = tl.arange(0, HALF)
     lo_cols = k0 + (j // 32) * 64 + (j % 32)
     src_lo = lo_cols
@@ -66,6 +68,9 @@ def _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_n
     base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if has_sh:
+        x_lo = x_lo - tl.load(sh_ptr + src_lo)[None, :]
+        x_hi = x_hi - tl.load(sh_ptr + src_hi)[None, :]
     if has_cs:
         x_lo = x_lo * tl.load(cs_ptr + src_lo)[None, :]
         x_hi = x_hi * tl.load(cs_ptr + src_hi)[None, :]
@@ -124,15 +129,16 @@ def _scale_and_inverse(amax, nbad, scale_mult):
 
 
 # Specialization contract (see gemm.py): pointers and ALIGNED integers are multiples of 16.
-ALIGNED = ("x_ptr", "perm_ptr", "cs_ptr", "h_ptr", "q_ptr", "s_ptr", "span", "stride_xm",
+ALIGNED = ("x_ptr", "perm_ptr", "sh_ptr", "cs_ptr", "h_ptr", "q_ptr", "s_ptr", "span", "stride_xm",
            "stride_qm")
 NO_SPECIALIZE = ("M", "stride_sm", "n_row_blocks")
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _rotate_quantize_kernel(
-    x_ptr, perm_ptr, cs_ptr, h_ptr, q_ptr, s_ptr,
-    M, span, stride_xm, stride_qm, stride_sm, scale_mult, h_norm, n_row_blocks, has_perm, has_cs,
+    x_ptr, perm_ptr, sh_ptr, cs_ptr, h_ptr, q_ptr, s_ptr,
+    M, span, stride_xm, stride_qm, stride_sm, scale_mult, h_norm, n_row_blocks, has_perm, has_sh,
+    has_cs,
     BM: tl.constexpr, T: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr,
     TILE_GROUP: tl.constexpr, BITS: tl.constexpr,
 ):
@@ -155,16 +161,18 @@ def _rotate_quantize_kernel(
             amax = tl.zeros((BM,), dtype=tl.float32)
             nbad = tl.zeros((BM,), dtype=tl.int32)
             for k0 in range(col * span, col * span + span, T):
-                y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm,
-                                             k0, h_norm, has_perm, has_cs, HALF, ROT, PREC)
+                y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
+                                             stride_xm, k0, h_norm, has_perm, has_sh, has_cs,
+                                             HALF, ROT, PREC)
                 t_max, t_bad = _max_finite(y_lo, y_hi, 1)
                 amax = tl.maximum(amax, t_max)
                 nbad += t_bad
             scale, inv, bad = _scale_and_inverse(amax, nbad, scale_mult)
             tl.store(s_ptr + rows.to(tl.int64) * stride_sm + col, scale, mask=row_ok)
             for k0 in range(col * span, col * span + span, T):
-                y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm,
-                                             k0, h_norm, has_perm, has_cs, HALF, ROT, PREC)
+                y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
+                                             stride_xm, k0, h_norm, has_perm, has_sh, has_cs,
+                                             HALF, ROT, PREC)
                 _store_codes(q_ptr, rows, row_ok, stride_qm, k0,
                              _codes(y_lo, inv[:, None], bad[:, None], QMAX),
                              _codes(y_hi, inv[:, None], bad[:, None], QMAX), HALF, BITS)
@@ -172,8 +180,8 @@ def _rotate_quantize_kernel(
             NG: tl.constexpr = T // TILE_GROUP
             GH: tl.constexpr = TILE_GROUP // 2
             k0 = col * T
-            y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, cs_ptr, h, rows, row_ok, stride_xm,
-                                         k0, h_norm, has_perm, has_cs, HALF, ROT, PREC)
+            y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
+                                         k0, h_norm, has_perm, has_sh, has_cs, HALF, ROT, PREC)
             g_lo = tl.reshape(y_lo, (BM, NG, GH))
             g_hi = tl.reshape(y_hi, (BM, NG, GH))
             amax, nbad = _max_finite(g_lo, g_hi, 2)
@@ -222,7 +230,8 @@ def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: in
 
 def kernel_specs():
     """Every distinct (dtype, compile-time arguments, num_warps) the launcher can produce:
-    for the compile tests. The permutation and the channel multiplier are runtime flags."""
+    for the compile tests. The permutation, the channel shift and the channel multiplier are
+    runtime flags."""
     seen = {}
     for dtype in KERNEL_DTYPES:
         for block in (None, 16, 32, 64, 128, 256, 512):
@@ -237,11 +246,11 @@ def kernel_specs():
 def signature(dtype: torch.dtype, bits: int) -> dict:
     """Triton signature of the pointer and scalar arguments (for compiling without a GPU)."""
     x = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    return {"x_ptr": x, "perm_ptr": "*i32", "cs_ptr": "*fp32", "h_ptr": "*fp32",
+    return {"x_ptr": x, "perm_ptr": "*i32", "sh_ptr": "*fp32", "cs_ptr": "*fp32", "h_ptr": "*fp32",
             "q_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32",
             "M": "i32", "span": "i32", "stride_xm": "i32", "stride_qm": "i32",
             "stride_sm": "i32", "scale_mult": "fp32", "h_norm": "fp32", "n_row_blocks": "i32",
-            "has_perm": "u1", "has_cs": "u1"}
+            "has_perm": "u1", "has_sh": "u1", "has_cs": "u1"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,15 +269,14 @@ def _programs_per_column(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch(x2, perm, block, group, bits, clip, q, s, channel_scale):
+def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale):
     m, k = x2.shape
     if block is not None and block > max_kernel_block(x2.dtype):
-        if channel_scale is not None:
-            x2 = x2.float() * channel_scale
+        x2 = _shift_and_scale(x2, channel_shift, channel_scale)
         if perm is not None:
             x2 = x2[:, perm.long()]
         x2 = apply_outer_hadamard(x2, block, max_kernel_block(torch.float32))
-        perm = channel_scale = None
+        perm = channel_shift = channel_scale = None
     p = plan(x2.dtype, block, group, bits)
     c = p["constexprs"]
     # placeholders of the signature's pointer types (never read: flags / ROT say so)
@@ -279,36 +287,46 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_scale):
     grid = (min(n_row_blocks, max(1, _programs_per_column(x2.device) // n_cols)), n_cols)
     _rotate_quantize_kernel[grid](
         x2, perm if perm is not None else s.view(torch.int32),
+        channel_shift if channel_shift is not None else s,
         channel_scale if channel_scale is not None else s,
         h, q, s, m, span, x2.stride(0), q.stride(0), s.stride(0),
         scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
-        n_row_blocks, perm is not None, channel_scale is not None,
+        n_row_blocks, perm is not None, channel_shift is not None, channel_scale is not None,
         num_warps=p["num_warps"], **c,
     )
 
 
-def _check_channel_scale(channel_scale: torch.Tensor | None, k: int) -> None:
-    if channel_scale is None:
+def _check_channel_vector(name: str, v: torch.Tensor | None, k: int) -> None:
+    if v is None:
         return
-    if channel_scale.dtype != torch.float32 or tuple(channel_scale.shape) != (k,):
-        raise ValueError(f"channel_scale must be float32 ({k},), got {channel_scale.dtype} "
-                         f"{tuple(channel_scale.shape)}")
-    if not channel_scale.is_contiguous():
-        raise ValueError("channel_scale must be contiguous")
+    if v.dtype != torch.float32 or tuple(v.shape) != (k,):
+        raise ValueError(f"{name} must be float32 ({k},), got {v.dtype} {tuple(v.shape)}")
+    if not v.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
 
 
-def _compute(x, perm, channel_scale, block, group_size, bits, clip, q, s) -> None:
+def _shift_and_scale(x, channel_shift, channel_scale):
+    """(x − shift)·scale in float32 (x itself when both are None)."""
+    if channel_shift is not None:
+        x = x.float() - channel_shift
+    if channel_scale is not None:
+        x = x.float() * channel_scale
+    return x
+
+
+def _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s) -> None:
     """Write the codes and scales of x into q and s (validated inputs): the kernel, or the
     PyTorch reference where the kernel does not run (see kernels._runtime)."""
     if not use_triton(x):
-        xs = x.float() * channel_scale if channel_scale is not None else x
+        xs = _shift_and_scale(x, channel_shift, channel_scale)
         codes, scales = quantize_ref(rotate_unchecked(xs, perm, block), group_size, bits, clip)
         q.copy_(pack_codes(codes, bits))
         s.copy_(scales)
     elif x.shape[0]:
         # the specialization contract (ALIGNED): copies only for odd views
         _launch(aligned(x, rows=True), aligned(perm.to(torch.int32)) if perm is not None else None,
-                block, group_size, bits, clip, q, s, aligned(channel_scale))
+                block, group_size, bits, clip, q, s, aligned(channel_shift),
+                aligned(channel_scale))
 
 
 def _output_shapes(x, group_size, bits):
@@ -318,6 +336,7 @@ def _output_shapes(x, group_size, bits):
 
 @torch.library.custom_op("clq_triton::rotate_quantize", mutates_args=())
 def rotate_quantize_op(x: torch.Tensor, perm: Optional[torch.Tensor],
+                       channel_shift: Optional[torch.Tensor],
                        channel_scale: Optional[torch.Tensor], block: Optional[int],
                        group_size: Optional[int], bits: int,
                        clip: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,12 +345,12 @@ def rotate_quantize_op(x: torch.Tensor, perm: Optional[torch.Tensor],
     q_shape, s_shape = _output_shapes(x, group_size, bits)
     q = torch.empty(q_shape, dtype=code_dtype(bits), device=x.device)
     s = torch.empty(s_shape, dtype=torch.float32, device=x.device)
-    _compute(x, perm, channel_scale, block, group_size, bits, clip, q, s)
+    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s)
     return q, s
 
 
 @rotate_quantize_op.register_fake
-def _(x, perm, channel_scale, block, group_size, bits, clip):
+def _(x, perm, channel_shift, channel_scale, block, group_size, bits, clip):
     q_shape, s_shape = _output_shapes(x, group_size, bits)
     return (x.new_empty(q_shape, dtype=code_dtype(bits)),
             x.new_empty(s_shape, dtype=torch.float32))
@@ -347,13 +366,15 @@ def rotate_quantize(
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     channel_scale: torch.Tensor | None = None,
     check_perm_values: bool = True,
+    channel_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize the rotated activations x·D·S·H per token (per group, or per row when
+    """Quantize the rotated activations (x − δ)·D·S·H per token (per group, or per row when
     ``group_size`` is None).
 
     x: [M, K] fp16/bf16/fp32 (any strides); K a multiple of 64.
     perm: int32 [K] (S, a gather; see kernels.hadamard) or None. block: Hadamard block or None.
     channel_scale: float32 [K], the diagonal D (SmoothQuant-style multiplier), or None.
+    channel_shift: float32 [K], δ subtracted per channel before D (in float32), or None.
     Returns (q, scales):
       q: 4 bits → uint8 [M, K/2], split-halves packing (kernels.formats); 8 bits → int8 [M, K];
       scales: float32 [M, K/group_size] or [M, 1]; NaN for groups holding NaN/Inf.
@@ -368,15 +389,16 @@ def rotate_quantize(
     check_k(k, group_size)
     check_block(block, k)
     check_perm(perm, k, values=check_perm_values)
-    _check_channel_scale(channel_scale, k)
-    check_same_device(x=x, perm=perm, channel_scale=channel_scale)
+    _check_channel_vector("channel_scale", channel_scale, k)
+    _check_channel_vector("channel_shift", channel_shift, k)
+    check_same_device(x=x, perm=perm, channel_shift=channel_shift, channel_scale=channel_scale)
     scale_multiplier(bits, clip)  # validates clip
     if out is None:
-        return torch.ops.clq_triton.rotate_quantize(x, perm, channel_scale, block, group_size,
-                                                    bits, float(clip))
+        return torch.ops.clq_triton.rotate_quantize(x, perm, channel_shift, channel_scale, block,
+                                                    group_size, bits, float(clip))
     q, s = out
     q_shape, s_shape = _output_shapes(x, group_size, bits)
     check_out("out[0]", q, q_shape, code_dtype(bits), x.device)
     check_out("out[1]", s, s_shape, torch.float32, x.device)
-    _compute(x, perm, channel_scale, block, group_size, bits, clip, q, s)
+    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s)
     return q, s
