@@ -4,13 +4,15 @@
     python examples/train_tiny_dit.py --device cuda --batch 256 --lr 1e-3 --patch-size 2
 
 Data: clq_triton.toy.shapes (48 classes = shape × colour × quadrant), drawn fresh each step.
-Objective: v-prediction, cosine noise schedule, AdamW, EMA of the weights (saved).
+Objective: v-prediction, cosine noise schedule, min-SNR-γ loss weights (Hang et al. 2023),
+AdamW with warm-up and cosine decay over the time budget, EMA of the weights (saved).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 
 import torch
@@ -25,6 +27,11 @@ def main():
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--min-lr", type=float, default=0.1,
+                    help="final learning rate as a fraction of --lr (cosine decay over the budget)")
+    ap.add_argument("--min-snr", type=float, default=5.0,
+                    help="min-SNR-γ loss weighting: weight min(SNR, γ)/(SNR + 1) for v-prediction "
+                    "(0 = unweighted)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label-dropout", type=float, default=0.1,
                     help="fraction of samples trained unconditionally (for guidance)")
@@ -74,12 +81,13 @@ def main():
         eps = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        lr = args.lr * min(1.0, (step + 1) / 200)  # warm-up
+        lr = args.lr * _lr_factor(step, time.time() - start, args)
         for g in opt.param_groups:
             g["lr"] = lr
         target = noise_sched.get_velocity(x0, eps, t) if v_pred else eps
         xt, t, cond, target = (v.to(args.device) for v in (xt, t, cond, target))
-        loss = (model(xt, timestep=t, class_labels=cond).sample - target).pow(2).mean()
+        err = (model(xt, timestep=t, class_labels=cond).sample - target).pow(2).mean((1, 2, 3))
+        loss = (err * _loss_weight(alphas[t], args.min_snr, v_pred).to(args.device)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -104,6 +112,23 @@ def main():
     acc = accuracy(sample(ema, sampler, labels), labels)
     print(f"trained {step} steps in {time.time() - start:.0f}s; saved to {args.out}")
     print(f"checker accuracy of {labels.numel()} FP samples: {_fmt(acc)}")
+
+
+def _lr_factor(step: int, elapsed_s: float, args) -> float:
+    """Linear warm-up over 200 steps, then cosine decay to args.min_lr at the end of the budget
+    (time or steps, whichever comes first)."""
+    done = min(1.0, max(elapsed_s / (args.minutes * 60), step / args.max_steps))
+    cosine = args.min_lr + (1 - args.min_lr) * 0.5 * (1 + math.cos(math.pi * done))
+    return min(1.0, (step + 1) / 200) * cosine
+
+
+def _loss_weight(alpha_bar: torch.Tensor, gamma: float, v_pred: bool) -> torch.Tensor:
+    """Per-sample loss weight [B]: min-SNR-γ, expressed for the v (or ε) target."""
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if v_pred else clipped / snr
 
 
 def _fmt(acc: dict) -> str:
