@@ -172,6 +172,19 @@ def main(argv=None):
                             bytes_equal=round((q == qr).float().mean().item(), 5),
                             scale_max_rel=float(((s - sr).abs() / sr.abs().clamp_min(1e-30))
                                                 .nan_to_num().max()))
+            # OBS's per-channel shift and multiplier, fused in the kernel
+            shift = (torch.randn(k, generator=g) * 8).to(dev)
+            cs = (torch.rand(k, generator=g) + 0.5).to(dev)
+            for block in (64, 256 if k % 256 == 0 else 128):
+                q, s = rotate_quantize(x, perm, block, 64, 4, channel_shift=shift, channel_scale=cs)
+                with backend("torch"):
+                    qr, sr = rotate_quantize(x, perm, block, 64, 4, channel_shift=shift,
+                                             channel_scale=cs)
+                log(section="correctness", op="rotate_quantize+shift+scale", dtype=str(xdt)[6:],
+                    block=block, group=64, bits=4,
+                    bytes_equal=round((q == qr).float().mean().item(), 5),
+                    scale_max_rel=float(((s - sr).abs() / sr.abs().clamp_min(1e-30))
+                                        .nan_to_num().max()))
         x = torch.randn(m, k, generator=g)
         w = torch.randn(n, k, generator=g)
         bias = torch.randn(n, generator=g)

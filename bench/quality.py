@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ import torch
 
 import clq_triton
 from clq_triton.images import psnr
-from clq_triton.toy.model import WEIGHTS_DIR, calibration_data, load_tiny_dit, sample
+from clq_triton.toy.model import GUIDANCE, WEIGHTS_DIR, calibration_data, load_tiny_dit, sample
 from clq_triton.toy.shapes import N_CLASSES, accuracy, frechet_distance, image_features, real_features
 
 VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
@@ -71,6 +72,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="evaluation noise seeds")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
+    ap.add_argument("--guidance", type=float, default=GUIDANCE,
+                    help="classifier-free guidance scale")
     ap.add_argument("--calib-samples", type=int, default=10, help="captured sampler steps")
     ap.add_argument("--w-clips", type=float, nargs="+", default=None,
                     help="CLPS weight clip grid of the CLQ rows (default: CLQ's)")
@@ -89,13 +92,19 @@ def main():
     jobs += [("w8a8", g) for g in w8_groups if ("w8a8", g) not in jobs]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = dict(per_class=args.per_class, seeds=args.seeds, steps=args.steps,
+                    guidance=args.guidance, calib_samples=args.calib_samples,
+                    weights=weights_id(args.weights))
     store = {"rows": {}} if args.fresh or not os.path.exists(args.json) else \
         json.load(open(args.json))
+    other = {json.dumps(r.get("settings"), sort_keys=True) for r in store["rows"].values()
+             if r.get("settings") != settings}
+    if other:
+        sys.exit(f"{args.json} holds rows made with other settings or weights ({', '.join(other)}"
+                 f"; now {settings}): pass --fresh to replace them, or --json/--out elsewhere")
     store["machine"] = machine(device)
     labels = torch.arange(N_CLASSES).repeat(args.per_class)
     real = real_features(40)
-    settings = dict(per_class=args.per_class, seeds=args.seeds, steps=args.steps,
-                    calib_samples=args.calib_samples)
     variants = dict(VARIANTS)
     for name, m in variants.items():
         if isinstance(m, clq_triton.CLQ) and (args.w_clips or args.a_clips):
@@ -106,10 +115,12 @@ def main():
     for model_name in args.models:
         fp, sched = load_tiny_dit(args.weights, outliers=MODELS[model_name])
         fp = fp.to(device)
-        data = calibration_data(fp, sched, args.steps, args.calib_samples, progress=False)
+        data = calibration_data(fp, sched, args.steps, args.calib_samples, progress=False,
+                                guidance=args.guidance)
         fp_imgs = {}
         for seed in args.seeds:
-            fp_imgs[seed] = sample(fp, sched, labels, steps=args.steps, seed=seed)
+            fp_imgs[seed] = sample(fp, sched, labels, steps=args.steps, guidance=args.guidance,
+                                   seed=seed)
         key = f"{model_name}|FP"
         store["rows"][key] = dict(model=model_name, bits="-", mode="-", method="FP",
                                   calib_s=0.0, settings=settings,
@@ -127,7 +138,8 @@ def main():
                 t0 = time.time()
                 clq_triton.patch(model, config, variants[name], data, progress=False)
                 calib = time.time() - t0
-                per_seed = [metrics(sample(model, sched, labels, steps=args.steps, seed=s),
+                per_seed = [metrics(sample(model, sched, labels, steps=args.steps,
+                                           guidance=args.guidance, seed=s),
                                     fp_imgs[s], labels, real) for s in args.seeds]
                 row = dict(model=model_name, bits=bits, mode=_mode(group), method=name,
                            method_config=_jsonable(variants[name].to_dict()), calib_s=calib,
@@ -138,6 +150,13 @@ def main():
                       f"({calib:.0f}s calib)", flush=True)
                 save(args, store)
     save(args, store)
+
+
+def weights_id(directory: str) -> str:
+    """First 12 hex digits of the sha256 of the model's safetensors file: rows made from other
+    weights are not reused."""
+    with open(os.path.join(directory, "diffusion_pytorch_model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def _command() -> str:
@@ -199,7 +218,8 @@ def write_table(args, store) -> None:
         "same settings; the json has each row's command and per-seed values).",
         f"{N_CLASSES * settings.get('per_class', 0)} images per seed "
         f"({settings.get('per_class')} per class), evaluation seeds {settings.get('seeds')}, "
-        f"DDIM {settings.get('steps')} steps, guidance 2.0, the same noise for every row of a "
+        f"DDIM {settings.get('steps')} steps, guidance {settings.get('guidance')}, weights sha256 "
+        f"{settings.get('weights', '?')}…, the same noise for every row of a "
         f"seed; calibration: {settings.get('calib_samples')} captured sampler steps of 12 "
         "other classes and other noise. Values: mean ± std over the seeds. Models: `toy` is "
         "the shipped model, `toy+outliers` the same FP function with real-DiT-like "

@@ -63,3 +63,9 @@ def test_train_script_and_quality_table_run(tmp_path):
     assert all(r[1].strip() == "toy+outliers" and " ± " in r[5] for r in rows[1:])
     saved = json.loads(store.read_text())
     assert len(saved["rows"]) == 5 and all(len(r["seeds"]) == 2 for r in saved["rows"].values())
+    # rows of other settings are not mixed into one table: a rerun with other seeds refuses
+    out = subprocess.run(cmd[:cmd.index("--seeds")] + ["--seeds", "0"]
+                         + cmd[cmd.index("--steps"):] + ["--groups", "64"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode != 0 and "--fresh" in out.stderr
+    assert json.loads(store.read_text()) == saved
