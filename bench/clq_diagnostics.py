@@ -26,7 +26,8 @@ import clq_triton
 from clq_triton.blocks import find_blocks
 from clq_triton.smoothing import ChannelRange
 from clq_triton.stream import BlockStream, block_links
-from clq_triton.toy.model import calibration_data, load_tiny_dit
+from clq_triton.toy.model import WEIGHTS_DIR, calibration_data, load_tiny_dit
+from quality import weights_id
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -85,7 +86,8 @@ def main():
         "",
         f"Measured {datetime.date.today()} on CPU by `python bench/clq_diagnostics.py"
         f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`; "
-        f"{len(data)} calibration samples as in bench/quality.py.",
+        f"{len(data)} calibration samples as in bench/quality.py; shipped weights, sha256 "
+        f"{weights_id(WEIGHTS_DIR)}….",
         "",
         "## What CBC changes: block inputs of the CLQ-quantized model vs the FP model",
         "",

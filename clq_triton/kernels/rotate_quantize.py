@@ -180,8 +180,9 @@ def _rotate_quantize_kernel(
             NG: tl.constexpr = T // TILE_GROUP
             GH: tl.constexpr = TILE_GROUP // 2
             k0 = col * T
-            y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
-                                         k0, h_norm, has_perm, has_sh, has_cs, HALF, ROT, PREC)
+            y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
+                                         stride_xm, k0, h_norm, has_perm, has_sh, has_cs, HALF,
+                                         ROT, PREC)
             g_lo = tl.reshape(y_lo, (BM, NG, GH))
             g_hi = tl.reshape(y_hi, (BM, NG, GH))
             amax, nbad = _max_finite(g_lo, g_hi, 2)
