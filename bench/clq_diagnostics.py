@@ -36,6 +36,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def _hidden_states(calls) -> torch.Tensor:
+    """The blocks' hidden-state input of every call (first positional or ``hidden_states``)."""
+    return torch.cat([args[0] if args else kwargs["hidden_states"] for args, kwargs in calls])
+
+
 def block_drift(fp, quant, data):
     """Per block: (relative input difference, max relative change of per-channel max |x|,
     of per-channel mean) between the quantized and the FP model's streams."""
@@ -45,8 +50,7 @@ def block_drift(fp, quant, data):
     fs, qs = BlockStream(fp, names, links, data, "cpu"), BlockStream(quant, names, links, data,
                                                                      "cpu")
     for i, name in enumerate(names):
-        fx = torch.cat([c[0][0] if c[0] else c[1]["hidden_states"] for c in fs.calls])
-        qx = torch.cat([c[0][0] if c[0] else c[1]["hidden_states"] for c in qs.calls])
+        fx, qx = _hidden_states(fs.calls), _hidden_states(qs.calls)
         lins = {n: m for n, m in fp.get_submodule(name).named_modules()
                 if isinstance(m, torch.nn.Linear) and not n.startswith("norm")}
         stats = []

@@ -155,6 +155,17 @@ def main(argv=None):
     def correctness():
         g = torch.Generator(device="cpu").manual_seed(0)
         m, k, n = (333, 1152, 640) if not args.smoke else (37, 256, 48)
+
+        def rotate_vs_reference(op, x, perm, block, group, bits, **vectors):
+            """The kernel's codes and scales against the PyTorch reference's, logged."""
+            q, s = rotate_quantize(x, perm, block, group, bits, **vectors)
+            with backend("torch"):
+                qr, sr = rotate_quantize(x, perm, block, group, bits, **vectors)
+            log(section="correctness", op=op, dtype=str(x.dtype)[6:], block=block, group=group,
+                bits=bits, bytes_equal=round((q == qr).float().mean().item(), 5),
+                scale_max_rel=float(((s - sr).abs() / sr.abs().clamp_min(1e-30))
+                                    .nan_to_num().max()))
+
         for xdt in ((torch.bfloat16, torch.float16, torch.float32) if cuda else (dtype,)):
             x = (torch.randn(m, k, generator=g) * 2)
             x[:, 5] *= 40  # an outlier channel
@@ -164,27 +175,13 @@ def main(argv=None):
                           else 64):
                 for group in (None, 64, 128):
                     for bits in (4, 8):
-                        q, s = rotate_quantize(x, perm, block, group, bits)
-                        with backend("torch"):
-                            qr, sr = rotate_quantize(x, perm, block, group, bits)
-                        log(section="correctness", op="rotate_quantize", dtype=str(xdt)[6:],
-                            block=block, group=group, bits=bits,
-                            bytes_equal=round((q == qr).float().mean().item(), 5),
-                            scale_max_rel=float(((s - sr).abs() / sr.abs().clamp_min(1e-30))
-                                                .nan_to_num().max()))
+                        rotate_vs_reference("rotate_quantize", x, perm, block, group, bits)
             # OBS's per-channel shift and multiplier, fused in the kernel
             shift = (torch.randn(k, generator=g) * 8).to(dev)
             cs = (torch.rand(k, generator=g) + 0.5).to(dev)
             for block in (64, 256 if k % 256 == 0 else 128):
-                q, s = rotate_quantize(x, perm, block, 64, 4, channel_shift=shift, channel_scale=cs)
-                with backend("torch"):
-                    qr, sr = rotate_quantize(x, perm, block, 64, 4, channel_shift=shift,
-                                             channel_scale=cs)
-                log(section="correctness", op="rotate_quantize+shift+scale", dtype=str(xdt)[6:],
-                    block=block, group=64, bits=4,
-                    bytes_equal=round((q == qr).float().mean().item(), 5),
-                    scale_max_rel=float(((s - sr).abs() / sr.abs().clamp_min(1e-30))
-                                        .nan_to_num().max()))
+                rotate_vs_reference("rotate_quantize+shift+scale", x, perm, block, 64, 4,
+                                    channel_shift=shift, channel_scale=cs)
         x = torch.randn(m, k, generator=g)
         w = torch.randn(n, k, generator=g)
         bias = torch.randn(n, generator=g)

@@ -85,9 +85,10 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         target = noise_sched.get_velocity(x0, eps, t) if v_pred else eps
-        xt, t, cond, target = (v.to(args.device) for v in (xt, t, cond, target))
+        weight = _loss_weight(a.flatten(), args.min_snr, v_pred)
+        xt, t, cond, target, weight = (v.to(args.device) for v in (xt, t, cond, target, weight))
         err = (model(xt, timestep=t, class_labels=cond).sample - target).pow(2).mean((1, 2, 3))
-        loss = (err * _loss_weight(alphas[t], args.min_snr, v_pred).to(args.device)).mean()
+        loss = (err * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
