@@ -117,6 +117,9 @@ MODES = ((4, 4, None), (4, 4, 128), (4, 4, 64), (4, 8, None), (4, 8, 128), (8, 8
          (8, 8, 128))  # (w_bits, a_bits, group)
 
 
+SECTIONS = ("correctness", "gemm", "rotate", "linear", "pixart")
+
+
 def mode_name(w, a, g):
     return f"w{w}a{a}-" + (f"g{g}" if g else "pc")
 
@@ -128,7 +131,19 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU allowed")
     ap.add_argument("--autotune", action="store_true",
                     help="also compare the shipped config table with autotuned configs")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="comma-separated subset of " + ",".join(SECTIONS))
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated indices into the GEMM shapes (gemm/rotate/linear)")
+    ap.add_argument("--modes", default=None,
+                    help="comma-separated GEMM modes, e.g. w4a4-pc,w8a8-g128 (gemm/linear)")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32",
+                    help="input dtypes of the rotate+quantize correctness checks on CUDA")
     args = ap.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         ap.error("no CUDA device: use --smoke for a dry run on CPU")
@@ -149,6 +164,12 @@ def main(argv=None):
     m_big = 4096 if not args.smoke else 64
     gemm_shapes = ([(m_big, 1152, 4608), (m_big, 4608, 1152), (m_big, 3072, 12288),
                     (m_big, 12288, 3072)] if not args.smoke else [(64, 256, 128)])
+    if args.shapes is not None:
+        gemm_shapes = [gemm_shapes[int(i)] for i in args.shapes.split(",")]
+    modes = MODES if args.modes is None else tuple(
+        m for m in MODES if mode_name(*m) in args.modes.split(","))
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    rotate_dtypes = [dtypes[d] for d in args.dtypes.split(",")] if cuda else [dtype]
     sec = lambda name: section(name, args.budget)  # noqa: E731
 
     @sec("correctness")
@@ -166,7 +187,7 @@ def main(argv=None):
                 scale_max_rel=float(((s - sr).abs() / sr.abs().clamp_min(1e-30))
                                     .nan_to_num().max()))
 
-        for xdt in ((torch.bfloat16, torch.float16, torch.float32) if cuda else (dtype,)):
+        for xdt in rotate_dtypes:
             x = (torch.randn(m, k, generator=g) * 2)
             x[:, 5] *= 40  # an outlier channel
             x = x.to(xdt).to(dev)
@@ -231,7 +252,7 @@ def main(argv=None):
                 row["int_mm_ms"] = ms(lambda: torch._int_mm(ai, bi))
             except RuntimeError as e:
                 row["int_mm_error"] = str(e)[:100]
-            for wb, ab, group in MODES:
+            for wb, ab, group in modes:
                 xc, xs = quantize_ref(torch.randn(m, k, device=dev), group, ab)
                 wc, ws, wz = quantize_weight_ref(torch.randn(n, k, device=dev), group, wb)
                 xq, wq = pack_codes(xc, ab), pack_codes(wc, wb)
@@ -244,8 +265,11 @@ def main(argv=None):
                     try:
                         first_call_s(fn, cuda)  # tunes this shape
                         row[f"{name}_autotuned_ms"] = ms(fn)
+                        row[f"{name}_autotuned_cfg"] = tuned_cfg(m, n, k, ab, wb, group)
                     finally:
                         tuning.set_autotune(False)
+            if cuda:
+                row["table_cfg"] = str(tuning.table_config(tuning.device_arch(x.device), m))
             for key in [k_ for k_ in row if k_.endswith("_ms")]:
                 row[key[:-3] + "_tops"] = round(flop / row[key] / 1e9, 1)
                 row[key[:-3] + "_x_bf16"] = round(row["bf16_ms"] / row[key], 3)
@@ -278,7 +302,7 @@ def main(argv=None):
             x = torch.randn(m, k, device=dev, dtype=dtype)
             with torch.no_grad():
                 row = dict(section="linear", M=m, K=k, N=n, linear_ms=ms(lambda: lin(x)))
-                for wb, ab, group in MODES:
+                for wb, ab, group in modes:
                     ql = QuantLinear.from_linear(lin, QuantConfig(
                         w_bits=wb, a_bits=ab, group_size=group, hadamard_block=128))
                     name = mode_name(wb, ab, group)
@@ -318,8 +342,15 @@ def main(argv=None):
             log(section="pixart", **r)
             del q
 
-    for fn in (correctness, gemm, rotate, linear, pixart):
-        fn()
+    def tuned_cfg(m, n, k, a_bits, w_bits, group):
+        """The autotuner's pick for one GEMM (from its per-GPU cache)."""
+        d = torch.device(dev, torch.cuda.current_device())
+        key = tuning.autotune_key(tuning.device_arch(d), w_bits, a_bits, group, m, n, k)
+        return str(tuning.tuned_configs(d).get(key))
+
+    steps = dict(correctness=correctness, gemm=gemm, rotate=rotate, linear=linear, pixart=pixart)
+    for name in sections:
+        steps[name]()
     write(args.out, info)
 
 
@@ -332,7 +363,7 @@ def write(out_dir, info):
     lines = [f"# GPU check: {info['device']}, {info['date']}", "",
              "Made by `python bench/gpu_check.py`; raw rows in the JSON beside this file.", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in info.items()) + " |", ""]
-    for sec_name in ("correctness", "gemm", "rotate", "linear", "pixart"):
+    for sec_name in SECTIONS:
         rows = [r for r in LOG if r.get("section") == sec_name]
         if not rows:
             continue

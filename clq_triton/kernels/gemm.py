@@ -195,8 +195,7 @@ def _config(xq, m, n, k, a_bits, w_bits, group_size, launch) -> tuning.GemmConfi
     arch = tuning.device_arch(dev)
     if not tuning.autotune_enabled():
         return tuning.table_config(arch, m).fitted(k, group_size, a_bits, w_bits, arch)
-    bucket = min(triton.next_power_of_2(m), 16384)
-    key = f"sm{arch}-w{w_bits}a{a_bits}-g{group_size or 0}-m{bucket}-n{n}-k{k}"
+    key = tuning.autotune_key(arch, w_bits, a_bits, group_size, m, n, k)
     candidates = {c.fitted(k, group_size, a_bits, w_bits, arch)
                   for c in tuning.autotune_space(arch)}
 

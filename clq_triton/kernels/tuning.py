@@ -145,6 +145,18 @@ def cache_file(device: torch.device) -> str:
     return os.path.join(root, f"gemm-{name}-triton{triton.__version__}.json")
 
 
+def autotune_key(arch: int, w_bits: int, a_bits: int, group_size: int | None, m: int, n: int,
+                 k: int) -> str:
+    """The cache key of one GEMM: M is bucketed to a power of two (at most 16384)."""
+    bucket = min(1 << max(m - 1, 0).bit_length(), 16384)
+    return f"sm{arch}-w{w_bits}a{a_bits}-g{group_size or 0}-m{bucket}-n{n}-k{k}"
+
+
+def tuned_configs(device: torch.device) -> dict[str, GemmConfig]:
+    """The autotuned configs known for this GPU (key → config), from memory or its cache."""
+    return dict(_tuned_for(cache_file(device)))
+
+
 def _tuned_for(path: str) -> dict[str, GemmConfig]:
     if path not in _tuned:
         _tuned[path] = {}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# A whole GPU session in one command (device time is scarce; compiling is most of it):
+#   1. compile every kernel that gpu_check.py will launch, in parallel processes (Triton's disk
+#      cache keeps them), while the test suite runs on the GPU (pytest -n);
+#   2. run gpu_check.py --autotune alone on the GPU, so its timings are not disturbed.
+# Usage, on a CUDA machine from the repository root (wheels in .whl/ are installed first):
+#   bash bench/gpu_session.sh               # results: bench/results/ and $OUT
+#   SMOKE=1 bash bench/gpu_session.sh       # the same steps on tiny shapes in the interpreter
+# Times: WARM_S (phase 1 limit, default 200), CHECK_BUDGET (gpu_check --budget, default 170).
+set -u
+OUT=${OUT:-/tmp/gpu-session-out}
+WARM=${WARM:-/tmp/clq-warm}
+mkdir -p "$OUT" "$WARM"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+SMOKE_ARG=""
+if [ -n "${SMOKE:-}" ]; then
+  export TRITON_INTERPRET=1
+  SMOKE_ARG="--smoke"
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+    > "$OUT/nvidia-smi.txt"
+fi
+$PY -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton',
+triton.__version__, 'diffusers', diffusers.__version__)"
+
+echo "== phase 1: parallel compile warm-up + tests ($(date -u +%T))"
+MODES="w4a4-pc w4a4-g128 w4a4-g64 w4a8-pc w4a8-g128 w8a8-pc w8a8-g128"
+SHAPES=${SHAPES:-"0 1 2 3"}
+{
+  for d in bf16 fp16 fp32; do echo "--sections correctness --dtypes $d"; done
+  for s in $SHAPES; do for m in $MODES; do
+    echo "--sections gemm --autotune --shapes $s --modes $m"; done; done
+  for s in rotate linear pixart; do echo "--sections $s"; done
+} > "$WARM/jobs"
+if [ -z "${SMOKE:-}" ]; then
+  timeout "${TESTS_S:-230}" $PY -m pytest tests -q -n 6 -p no:cacheprovider --timeout 150 \
+    --deselect tests/test_compile.py --deselect tests/test_gpu_check.py \
+    > "$OUT/pytest.log" 2>&1 &
+  TESTS=$!
+fi
+# each job: its own tuning cache and output folder (its timings are thrown away)
+cat -n "$WARM/jobs" | timeout "${WARM_S:-200}" xargs -P "${JOBS:-10}" -L 1 sh -c \
+  'i=$0; env -u OUT CLQ_CACHE_DIR='"$WARM"'/c$i '"$PY"' bench/gpu_check.py '"$SMOKE_ARG"' \
+   --budget 1000 --out '"$WARM"'/o$i "$@" > '"$WARM"'/log$i 2>&1 || echo "job $i failed"'
+echo "warm-up done ($(date -u +%T))"
+if [ -n "${TESTS:-}" ]; then
+  wait "$TESTS"; echo "pytest exit $? ($(date -u +%T))"; tail -5 "$OUT/pytest.log"
+fi
+tar czf "$OUT/warm-logs.tgz" -C "$WARM" . 2>/dev/null
+
+echo "== phase 2: gpu_check alone ($(date -u +%T))"
+CLQ_CACHE_DIR="$OUT/tuned" $PY bench/gpu_check.py $SMOKE_ARG --autotune \
+  --budget "${CHECK_BUDGET:-170}" --out "${RESULTS:-bench/results}"
+echo "done ($(date -u +%T))"
