@@ -1,5 +1,5 @@
-"""Benchmark settings and helpers: real DiT shapes on CUDA, tiny shapes on CPU (where the launchers run
-their PyTorch references, so CPU timings only show that the suite runs).
+"""Benchmark settings and helpers: real DiT shapes on CUDA, tiny shapes on CPU (where the
+launchers run their PyTorch references, so CPU timings only show that the suite runs).
 
 Run: ``pytest bench --benchmark-only``. Each benchmark stores what it measured (shape,
 backend, GB/s or TOPS) in ``extra_info``; ``--benchmark-json FILE`` keeps them.
@@ -66,7 +66,10 @@ def pixart_model(full: bool, device, dtype, seed: int = 0):
                    cross_attention_dim=64, caption_channels=32)
         side, text = 8, 5
     torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **cfg)
+    # PixArt-Σ has no resolution/aspect-ratio embedding (diffusers turns it on for
+    # sample_size 128 unless told otherwise)
+    model = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2,
+                                     use_additional_conditions=False, **cfg)
     model = model.to(device, dtype).eval()
     inputs = dict(
         hidden_states=torch.randn(1, 4, side, side, device=device, dtype=dtype),
