@@ -182,10 +182,12 @@ def main(argv=None):
             q, s = rotate_quantize(x, perm, block, group, bits, **vectors)
             with backend("torch"):
                 qr, sr = rotate_quantize(x, perm, block, group, bits, **vectors)
+            nan_mismatch = (s.isnan() != sr.isnan()).sum().item()  # NaN vs a number
+            rel = ((s - sr).abs() / sr.abs().clamp_min(1e-30))[~(s.isnan() & sr.isnan())]
             log(section="correctness", op=op, dtype=str(x.dtype)[6:], block=block, group=group,
                 bits=bits, bytes_equal=round((q == qr).float().mean().item(), 5),
-                scale_max_rel=float(((s - sr).abs() / sr.abs().clamp_min(1e-30))
-                                    .nan_to_num().max()))
+                scale_max_rel=float(rel.max()) if rel.numel() else 0.0,
+                scale_nan_mismatch=nan_mismatch)
 
         for xdt in rotate_dtypes:
             x = (torch.randn(m, k, generator=g) * 2)

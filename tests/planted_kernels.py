@@ -1,5 +1,5 @@
-"""Kernels with planted faults that the compiler rejects: the compile check must report them
-(tests/test_compile.py)."""
+"""Kernels with planted faults that the compiler rejects or miscompiles relative to the
+interpreter: the compile check must report them (tests/test_compile.py)."""
 
 import triton
 import triton.language as tl
@@ -21,3 +21,17 @@ def int_dot(a_ptr, b_ptr, c_ptr, K: tl.constexpr, OUT_DTYPE: tl.constexpr):
     else:
         acc = tl.dot(a, tl.trans(b), acc)
     tl.store(c_ptr + r[:, None] * 64 + r[None, :], acc)
+
+
+@triton.jit
+def finite_by_subtraction(x_ptr, c, out_ptr, SAFE: tl.constexpr):
+    """1 where y = x·c is finite. ``y - y == 0`` (SAFE False) compiles to fma(x, c, −x·c),
+    the product's rounding error: 0 (finite) in the interpreter, nonzero on the GPU for most
+    c. ``|y| < inf`` (SAFE True) has no arithmetic to contract."""
+    r = tl.arange(0, 128)
+    y = tl.load(x_ptr + r) * c
+    if SAFE:
+        finite = tl.abs(y) < float("inf")
+    else:
+        finite = (y - y) == 0
+    tl.store(out_ptr + r, finite.to(tl.int8))

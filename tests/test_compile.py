@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 
-from clq_triton.kernels.compile_check import Job, all_jobs, run_jobs
+from clq_triton.kernels.compile_check import Job, all_jobs, run_jobs, self_cancelling_fmas
 from clq_triton.kernels.formats import BIT_PAIRS, GROUP_SIZES
 from clq_triton.kernels.gemm import _quant_matmul_kernel, kernel_specs
 from clq_triton.kernels.tuning import ARCHS
@@ -85,3 +85,36 @@ def test_gemm_kernel_is_the_one_checked():
     fn, _ = __import__("clq_triton.kernels.compile_check",
                        fromlist=["_kernel"])._kernel("gemm")
     assert fn is _quant_matmul_kernel
+
+
+def _finite_job(safe):
+    return Job("planted_kernels:finite_by_subtraction", 90,
+               tuple(sorted({"x_ptr": "*fp32", "c": "fp32", "out_ptr": "*i8"}.items())),
+               (("SAFE", safe),), 4, 1, "planted")
+
+
+def test_check_reports_a_self_cancelling_fma():
+    """The finiteness test that zeroed the codes of Hadamard blocks 32 and 128 on an H100: the
+    interpreter says every value is finite; the compiled PTX computes the rounding error."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from planted_kernels import finite_by_subtraction
+
+        x = torch.randn(128)
+        out = torch.empty(128, dtype=torch.int8)
+        finite_by_subtraction[(1,)](x, 0.1767767, out, SAFE=False)
+        assert (out == 1).all()
+    bad, ok = run_jobs([_finite_job(False), _finite_job(True)])
+    assert bad.ok and bad.self_cancelling_fma > 0 and "self-cancelling" in bad.problem()
+    assert not ok.problem()
+
+
+def test_self_cancelling_fma_detector_on_ptx_text():
+    ptx = """
+    mul.f32 %r5, %r1, %r2;
+    neg.f32 %r6, %r5;
+    fma.rn.f32 %r7, %r2, %r1, %r6;
+    mul.f32 %r8, %r1, %r3;
+    neg.f32 %r9, %r8;
+    fma.rn.f32 %r10, %r1, %r2, %r9;
+    """
+    assert self_cancelling_fmas(ptx) == 1

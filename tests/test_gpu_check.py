@@ -24,6 +24,7 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     for r in rows:
         if r.get("op") == "rotate_quantize":
             assert r["bytes_equal"] > 0.99 and r["scale_max_rel"] < 1e-5, r
+            assert r["scale_nan_mismatch"] == 0, r
         elif r.get("op") == "quant_matmul":
             assert r["max_rel"] < 1e-5, r
         elif r.get("op") == "QuantLinear":

@@ -84,3 +84,26 @@ def test_rotate_launches_only_specs_the_check_compiles(kernel_device, monkeypatc
                 assert _launch_types(rec.kernel, args, rq.ALIGNED) == {
                     k: v for k, v in rq.signature(args[0].dtype, bits).items()
                     if k.endswith("_ptr")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rotate_uses_exact_dots_for_shifted_or_scaled_inputs(kernel_device, monkeypatch, dtype,
+                                                              gen):
+    """fp16/bf16 values are exact in tf32, so their Hadamard dots run in plain tf32; after a
+    float32 channel shift or multiplier they are not (plain tf32 cost 5e-4 relative error on
+    an H100, which the interpreter's float32 dots do not show): those launches use tf32x3."""
+    import clq_triton.kernels.rotate_quantize as rq
+
+    rec = _Recorder(rq._rotate_quantize_kernel)
+    monkeypatch.setattr(rq, "_rotate_quantize_kernel", rec)
+    x = torch.randn(5, 256, generator=gen).to(dtype).to(kernel_device)
+    vec = (torch.rand(256, generator=gen) + 0.5).to(kernel_device)
+    for shift, scale, prec in ((None, None, "tf32"), (vec, None, "tf32x3"),
+                               (None, vec, "tf32x3"), (vec, vec, "tf32x3")):
+        rq.rotate_quantize(x, None, 64, 64, 4, channel_shift=shift, channel_scale=scale)
+        assert rec.calls[-1][1]["PREC"] == prec
+    specs = {tuple(sorted((k, v) for k, v in p["constexprs"].items() if k != "BM"))
+             for p in rq.kernel_specs() if p["dtype"] == dtype}
+    for _, kwargs in rec.calls:  # and the compile tests compile both precisions
+        assert tuple(sorted((k, v) for k, v in kwargs.items()
+                            if k not in ("BM", "num_warps"))) in specs

@@ -8,7 +8,11 @@ ptxas, and checks each result:
 - it compiles;
 - its shared memory fits the target's per-block limit (``tuning.SHARED_LIMIT``);
 - for the quantized GEMM on sm_90, the PTX uses int8 tensor-core instructions (``wgmma`` with
-  s8 operands); on sm_80/sm_89, ``mma`` with s8 operands.
+  s8 operands); on sm_80/sm_89, ``mma`` with s8 operands;
+- no self-cancelling FMA in the PTX: ``fma(a, b, −(a·b))``, which is how the compiler
+  contracts ``a·b − a·b``. It yields the product's rounding error instead of 0; the
+  interpreter computes 0. (Found on an H100: a ``y − y == 0`` finiteness test flagged every
+  group of some Hadamard blocks as non-finite.)
 
 Used by ``tests/test_compile.py``; also a command:
 ``python -m clq_triton.kernels.compile_check [--arch 90] [--jobs 2]`` prints every result.
@@ -27,6 +31,22 @@ from multiprocessing import get_context
 
 WGMMA_S8 = re.compile(r"wgmma\.mma_async[.\w]*\.s8\.s8")
 MMA_S8 = re.compile(r"mma\.sync\.aligned[.\w]*\.s8\.s8")
+_PTX_OP = re.compile(r"^\s*(mul|neg|fma)\.(?:rn\.)?f32\s+(%\w+),\s*([^;]+);", re.M)
+
+
+def self_cancelling_fmas(ptx: str) -> int:
+    """How many ``fma.rn.f32 d, a, b, c`` have c = −(a·b) from a ``mul.f32`` of the same
+    operands: the contracted form of ``a·b − a·b``, nonzero where the source meant 0."""
+    products, negated, found = {}, {}, 0
+    for op, dst, args in _PTX_OP.findall(ptx):
+        ops = [a.strip() for a in args.split(",")]
+        if op == "mul":
+            products[dst] = frozenset(ops)
+        elif op == "neg":
+            negated[dst] = ops[0]
+        elif len(ops) == 3 and products.get(negated.get(ops[2])) == frozenset(ops[:2]):
+            found += 1
+    return found
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,7 @@ class Result:
     shared: int = 0
     limit: int = 0
     int8_mma: bool | None = None  # GEMM only
+    self_cancelling_fma: int = 0
     error: str = ""
     seconds: float = 0.0
 
@@ -65,6 +86,9 @@ class Result:
             return f"shared memory {self.shared} B > limit {self.limit} B"
         if self.int8_mma is False:
             return "no int8 tensor-core instruction in the PTX"
+        if self.self_cancelling_fma:
+            return (f"{self.self_cancelling_fma} self-cancelling FMA(s) in the PTX: "
+                    "fma(a, b, -(a*b)), the contracted a*b - a*b, is not 0")
         return ""
 
 
@@ -118,6 +142,7 @@ def compile_job(job: Job) -> Result:
         pattern = WGMMA_S8 if job.arch >= 90 else MMA_S8
         int8 = bool(pattern.search(k.asm["ptx"]))
     return Result(job, True, shared=k.metadata.shared, limit=limit, int8_mma=int8,
+                  self_cancelling_fma=self_cancelling_fmas(k.asm["ptx"]),
                   seconds=time.perf_counter() - t0)
 
 

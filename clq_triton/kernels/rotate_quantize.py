@@ -14,8 +14,10 @@ columns by bit 5 splits the block-diagonal Sylvester Hadamard H too:
 - blocks ≥ 64 do, as one butterfly: with P = x_lo·H'' and Q = x_hi·H'' (H'' = blocks of half
   the size), y_lo = P + Q and y_hi = P − Q.
 H' / H'' is a ±1 float32 tile held once in global memory (``_hadamard_tile``), loaded once
-per program and applied with tensor-core dots: tf32 for fp16/bf16 inputs (their values are
-exact in tf32, the ±1 entries too, accumulation is fp32), tf32x3 for fp32 inputs. Programs
+per program and applied with tensor-core dots: tf32 for plain fp16/bf16 inputs (their values
+are exact in tf32, the ±1 entries too, accumulation is fp32), tf32x3 for fp32 inputs and for
+inputs shifted or scaled per channel first (those float32 values are not exact in tf32: plain
+tf32 cost 5e-4 relative error on an H100). Programs
 are persistent over row blocks. Groups that fit in a tile are quantized from registers;
 larger scale spans (a group of 256 with a smaller tile, or the whole row with
 ``group_size=None``) take two passes over the span's tiles, reading x twice: the span's max
@@ -110,9 +112,13 @@ def _store_codes(q_ptr, rows, row_ok, stride_qm, k0, c_lo, c_hi,
 
 @triton.jit
 def _max_finite(y_lo, y_hi, AXIS: tl.constexpr):
-    """(max |y| over finite values, count of non-finite values) along AXIS of both halves."""
-    f_lo = (y_lo - y_lo) == 0  # false for NaN and ±Inf
-    f_hi = (y_hi - y_hi) == 0
+    """(max |y| over finite values, count of non-finite values) along AXIS of both halves.
+
+    Finite means |y| < inf (false for NaN and ±Inf). Not ``y - y == 0``: with y = d·c the
+    compiler contracts that to fma(d, c, −d·c), the product's rounding error, which is nonzero
+    for most c (it flagged every group of blocks 32 and 128 as non-finite on an H100)."""
+    f_lo = tl.abs(y_lo) < float("inf")
+    f_hi = tl.abs(y_hi) < float("inf")
     amax = tl.maximum(tl.max(tl.where(f_lo, tl.abs(y_lo), 0.0), axis=AXIS),
                       tl.max(tl.where(f_hi, tl.abs(y_hi), 0.0), axis=AXIS))
     nbad = (tl.sum(tl.where(f_lo, 0, 1), axis=AXIS) + tl.sum(tl.where(f_hi, 0, 1), axis=AXIS))
@@ -207,22 +213,26 @@ def max_kernel_block(dtype: torch.dtype) -> int:
     return 128 if dtype == torch.float32 else MAX_KERNEL_BLOCK
 
 
-def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int) -> dict:
-    """The kernel's compile-time arguments and launch settings for one call.
+def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int,
+         prescaled: bool = False) -> dict:
+    """The kernel's compile-time arguments and launch settings for one call; ``prescaled``:
+    a channel shift or multiplier is applied before the rotation.
 
     Blocks above ``max_kernel_block`` are split: the launcher applies the permutation, the
-    channel multiplier and the outer Hadamard factor in PyTorch (float32), the kernel the
-    inner one. The compile tests enumerate the same function (:func:`kernel_specs`)."""
+    channel shift and multiplier and the outer Hadamard factor in PyTorch (float32), the kernel
+    the inner one. The compile tests enumerate the same function (:func:`kernel_specs`)."""
     if block is not None and block > max_kernel_block(dtype):
         dtype = torch.float32
         block = max_kernel_block(dtype)
+        prescaled = False  # done by the launcher
+    exact_tf32 = dtype != torch.float32 and not prescaled
     hb = block or 0
     t = max(hb, 64)  # the rotation's tile: as small as the block allows (fewer dot flops)
     rot = 0 if hb == 0 else (1 if hb <= 32 else 2)
     tile_group = group_size if group_size is not None and group_size <= t else 0
     bm = 16 if interpreter_on() else {64: 64, 128: 32, 256: 16}[t]
     return {
-        "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32x3" if dtype == torch.float32 else "tf32",
+        "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x3",
                            TILE_GROUP=tile_group, BITS=bits),
         "num_warps": 4, "dtype": dtype, "block": hb,
         "h_block": hb if rot == 1 else hb // 2,
@@ -238,9 +248,10 @@ def kernel_specs():
         for block in (None, 16, 32, 64, 128, 256, 512):
             for group in (None, 64, 128, 256):
                 for bits in (4, 8):
-                    p = plan(dtype, block, group, bits)
-                    seen.setdefault((p["dtype"], tuple(sorted(p["constexprs"].items())),
-                                     p["num_warps"]), p)
+                    for prescaled in (False, True):
+                        p = plan(dtype, block, group, bits, prescaled)
+                        seen.setdefault((p["dtype"], tuple(sorted(p["constexprs"].items())),
+                                         p["num_warps"]), p)
     return list(seen.values())
 
 
@@ -278,7 +289,8 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
             x2 = x2[:, perm.long()]
         x2 = apply_outer_hadamard(x2, block, max_kernel_block(torch.float32))
         perm = channel_shift = channel_scale = None
-    p = plan(x2.dtype, block, group, bits)
+    p = plan(x2.dtype, block, group, bits,
+             prescaled=channel_shift is not None or channel_scale is not None)
     c = p["constexprs"]
     # placeholders of the signature's pointer types (never read: flags / ROT say so)
     h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else s
