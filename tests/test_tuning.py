@@ -1,0 +1,56 @@
+"""The GEMM's opt-in autotuner cache (no GPU needed: the benchmark is a stand-in)."""
+
+import json
+
+import pytest
+
+from clq_triton.kernels import tuning
+from clq_triton.kernels.tuning import GemmConfig
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "_tuned", {})
+    return str(tmp_path / "gemm-test.json")
+
+
+def test_autotune_key_buckets_m_to_powers_of_two():
+    key = tuning.autotune_key(90, 4, 4, None, 3000, 4608, 1152)
+    assert key == "sm90-w4a4-g0-m4096-n4608-k1152"
+    assert tuning.autotune_key(90, 4, 8, 64, 1, 8, 64) == "sm90-w4a8-g64-m1-n8-k64"
+    assert tuning.autotune_key(90, 8, 8, 128, 10**6, 8, 128).startswith("sm90-w8a8-g128-m16384")
+
+
+def test_tuned_config_picks_the_fastest_runnable_candidate_and_caches_it(fresh_cache):
+    a, b, c = GemmConfig(64, 128, 128, 4, 3), GemmConfig(128, 128, 128, 8, 3), \
+        GemmConfig(256, 128, 128, 8, 4)
+    times = {a: 2.0, b: 1.0}
+    calls = []
+
+    def bench(cfg):
+        calls.append(cfg)
+        if cfg not in times:
+            raise RuntimeError("out of resources")  # a candidate that cannot run
+        return times[cfg]
+
+    assert tuning.tuned_config(fresh_cache, "k1", [a, b, c], bench) == b
+    assert len(calls) == 3
+    assert tuning.tuned_config(fresh_cache, "k1", [a, b, c], bench) == b  # from memory
+    assert len(calls) == 3
+    tuning._tuned.clear()  # a new process reads the file instead of tuning again
+    assert tuning.tuned_config(fresh_cache, "k1", [a, b, c], bench) == b
+    assert len(calls) == 3
+    assert json.load(open(fresh_cache))["k1"]["BM"] == 128
+
+
+def test_tuned_config_errors(fresh_cache):
+    def never(cfg):
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError, match="no GEMM config could run"):
+        tuning.tuned_config(fresh_cache, "k2", [GemmConfig(64, 64, 64, 4, 2)], never)
+    with open(fresh_cache, "w") as f:
+        f.write("{not json")
+    tuning._tuned.clear()
+    with pytest.raises(RuntimeError, match="delete the file"):
+        tuning.tuned_config(fresh_cache, "k3", [], never)
