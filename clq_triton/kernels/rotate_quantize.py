@@ -207,10 +207,11 @@ def _rotate_quantize_kernel(
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def max_kernel_block(dtype: torch.dtype) -> int:
-    """Largest Hadamard block the kernel applies itself: 256 for fp16/bf16 input; 128 for
-    fp32, whose tf32x3 dots would need more shared memory than sm_86/sm_89 have at 256."""
-    return 128 if dtype == torch.float32 else MAX_KERNEL_BLOCK
+def max_kernel_block(dtype: torch.dtype, prescaled: bool = False) -> int:
+    """Largest Hadamard block the kernel applies itself: 256 for plain fp16/bf16 input; 128
+    where the dots are tf32x3 (fp32 input, or a channel shift / multiplier first), which at
+    256 would need more shared memory than sm_86/sm_89 have (147456 B > 101376 B)."""
+    return 128 if dtype == torch.float32 or prescaled else MAX_KERNEL_BLOCK
 
 
 def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int,
@@ -221,7 +222,7 @@ def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: in
     Blocks above ``max_kernel_block`` are split: the launcher applies the permutation, the
     channel shift and multiplier and the outer Hadamard factor in PyTorch (float32), the kernel
     the inner one. The compile tests enumerate the same function (:func:`kernel_specs`)."""
-    if block is not None and block > max_kernel_block(dtype):
+    if block is not None and block > max_kernel_block(dtype, prescaled):
         dtype = torch.float32
         block = max_kernel_block(dtype)
         prescaled = False  # done by the launcher
@@ -283,14 +284,14 @@ def _programs_per_column(device: torch.device) -> int:
 
 def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale):
     m, k = x2.shape
-    if block is not None and block > max_kernel_block(x2.dtype):
+    prescaled = channel_shift is not None or channel_scale is not None
+    if block is not None and block > max_kernel_block(x2.dtype, prescaled):
         x2 = _shift_and_scale(x2, channel_shift, channel_scale)
         if perm is not None:
             x2 = x2[:, perm.long()]
         x2 = apply_outer_hadamard(x2, block, max_kernel_block(torch.float32))
         perm = channel_shift = channel_scale = None
-    p = plan(x2.dtype, block, group, bits,
-             prescaled=channel_shift is not None or channel_scale is not None)
+    p = plan(x2.dtype, block, group, bits, prescaled)
     c = p["constexprs"]
     # placeholders of the signature's pointer types (never read: flags / ROT say so)
     h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else s
