@@ -2,7 +2,8 @@
 # A whole GPU session in one command (device time is scarce; compiling is most of it):
 #   1. compile every kernel that gpu_check.py will launch, in parallel processes (Triton's disk
 #      cache keeps them), while the test suite runs on the GPU (pytest -n);
-#   2. run gpu_check.py --autotune alone on the GPU, so its timings are not disturbed.
+#   2. run gpu_check.py --autotune alone on the GPU, so its timings are not disturbed, then
+#      bench/rotate_probe.py (bf16).
 # Usage, on a CUDA machine from the repository root (wheels in .whl/ are installed first):
 #   bash bench/gpu_session.sh               # results: bench/results/ and $OUT
 #   SMOKE=1 bash bench/gpu_session.sh       # the same steps on tiny shapes in the interpreter
@@ -41,9 +42,10 @@ SHAPES=${SHAPES:-"0 1 2 3"}
   for s in rotate linear pixart; do echo "--sections $s"; done
 } > "$WARM/jobs"
 if [ -z "${SMOKE:-}" ]; then
-  timeout "${TESTS_S:-230}" $PY -m pytest tests -q -n 6 -p no:cacheprovider --timeout 150 \
-    --deselect tests/test_compile.py --deselect tests/test_gpu_check.py \
-    > "$OUT/pytest.log" 2>&1 &
+  # SIGINT at the limit: pytest still prints its summary of the failures so far
+  timeout -s INT -k 20 "${TESTS_S:-230}" $PY -m pytest tests -q -n 6 -p no:cacheprovider \
+    --timeout 150 -rf --tb=short --deselect tests/test_compile.py \
+    --deselect tests/test_gpu_check.py > "$OUT/pytest.log" 2>&1 &
   TESTS=$!
 fi
 # each job: its own tuning cache and output folder (its timings are thrown away)
@@ -59,4 +61,7 @@ tar czf "$OUT/warm-logs.tgz" -C "$WARM" . 2>/dev/null
 echo "== phase 2: gpu_check alone ($(date -u +%T))"
 CLQ_CACHE_DIR="$OUT/tuned" $PY bench/gpu_check.py $SMOKE_ARG --autotune \
   --budget "${CHECK_BUDGET:-170}" --out "${RESULTS:-bench/results}"
+if [ -z "${SMOKE:-}" ]; then  # rotate+quantize per tile rows / warps / precision
+  timeout "${PROBE_S:-90}" $PY bench/rotate_probe.py bf16 > "$OUT/rotate-probe-bf16.jsonl" 2>&1
+fi
 echo "done ($(date -u +%T))"
