@@ -1,14 +1,18 @@
-"""GPU probe of the rotate+quantize kernel's launch settings: for each Hadamard block, tile
-rows (BM), warps and dot precision, the share of packed bytes equal to the PyTorch reference's.
+"""GPU probe of the rotate+quantize kernel's launch settings: for each Hadamard block and scale
+mode, tile rows (BM), warps and persistent programs per column (in waves of the GPU's SMs),
+the time on a PixArt-sized input and the share of packed bytes equal to the PyTorch
+reference's on a small one. Also the dot precision for block 128 (fp32 / shifted input).
 
-    python bench/rotate_probe.py        # on a CUDA machine; one JSON line per setting
+    python bench/rotate_probe.py [bf16|fp32]     # on a CUDA machine; one JSON line per setting
 
-Written after block 128 gave wrong codes (right scales) on an H100 with triton 3.6 while the
-interpreter and every CPU test agreed with the reference.
+Written after block 128 gave wrong codes on an H100 with triton 3.6 while the interpreter and
+every CPU test agreed with the reference (bench/results/gpu-2026-11-27/); now for choosing the
+launcher's settings (``rotate_quantize.plan``, ``_programs_per_column``) from measurements.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -25,27 +29,40 @@ OVERRIDE: dict = {}
 
 
 def plan(*args, **kwargs):
+    """The launcher's plan with the OVERRIDE settings (BM, PREC, num_warps) applied."""
     p = ORIG_PLAN(*args, **kwargs)
     p = dict(p, constexprs=dict(p["constexprs"]))
     for key, value in OVERRIDE.items():
         if key == "num_warps":
             p["num_warps"] = value
-        else:
+        elif key != "waves":
             p["constexprs"][key] = value
     return p
 
 
-def settings(xdt, block):
-    """(BM, warps, precision) to try: the shipped plan, and for block 128 a grid."""
-    if block != 128:
-        return [(None, None, None)]
-    precs = ("tf32", "ieee") if xdt != torch.float32 else ("tf32x3", "ieee")
-    return [(None, None, None)] + [(bm, w, p) for bm in (16, 32, 64) for w in (4, 8)
-                                   for p in precs]
+def programs_per_column(device):
+    """Persistent programs along the rows: OVERRIDE["waves"] × the SMs (the shipped: 4)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == \
+        "cuda" else 1
+    return OVERRIDE.get("waves", 4) * sms
+
+
+def settings(xdt):
+    """(block, group, BM, warps, waves, precision): the shipped plan (None = as shipped) and a
+    grid around it; the dot precision only for block 128."""
+    out = []
+    for block, group in itertools.product((None, 64, 128), (None, 64)):
+        out.append((block, group, None, None, None, None))
+        out += [(block, group, bm, w, waves, None) for bm in (16, 32, 64, 128) for w in (4, 8)
+                for waves in (2, 4, 8)]
+    precs = ("tf32", "tf32x3", "ieee") if xdt != torch.float32 else ("tf32x3", "ieee")
+    out += [(128, 64, None, None, None, p) for p in precs]
+    return out
 
 
 def main(dtype_name="bf16"):
     rq.plan = plan
+    rq._programs_per_column = programs_per_column
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     xdt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     g = torch.Generator().manual_seed(0)
@@ -54,7 +71,7 @@ def main(dtype_name="bf16"):
     x[:, 5] *= 40
     x = x.to(xdt).to(dev)
     perm = torch.randperm(k, generator=g).to(dev)
-    # timing shape: PixArt's FFN input (4096 tokens × 4608)
+    # timing shape: PixArt's FFN input (4096 tokens × 4608), with an outlier-score permutation
     xt = torch.randn(4096, 4608, device=dev, dtype=xdt) if dev == "cuda" else None
     pt = torch.randperm(4608, device=dev) if dev == "cuda" else None
     if dev == "cuda":
@@ -64,32 +81,27 @@ def main(dtype_name="bf16"):
         print(json.dumps(dict(dtype=dtype_name, copy_ms=do_bench(lambda: y.copy_(xt)),
                               gather_ms=do_bench(lambda: torch.index_select(xt, 1, pt)))),
               flush=True)
-    for block in (None, 64, 128):
-        for group, bits in ((None, 4), (64, 4)):
-            for use_perm in (True, False):
-                p = perm if use_perm else None
-                with backend("torch"):
-                    qr, sr = rq.rotate_quantize(x, p, block, group, bits)
-                for bm, warps, prec in settings(xdt, block):
-                    if bm and not use_perm:  # the grid with the permutation only
-                        continue
-                    OVERRIDE.clear()
-                    OVERRIDE.update({key: v for key, v in
-                                     (("BM", bm), ("num_warps", warps), ("PREC", prec)) if v})
-                    row = dict(dtype=dtype_name, block=block, group=group, bits=bits,
-                               perm=use_perm, BM=bm, warps=warps, prec=prec)
-                    try:
-                        q, s = rq.rotate_quantize(x, p, block, group, bits)
-                        row["bytes_equal"] = round((q == qr).float().mean().item(), 5)
-                        row["scale_rel"] = float(((s - sr).abs() / sr.abs()).nan_to_num().max())
-                        if dev == "cuda":
-                            ptt = pt if use_perm else None
-                            row["ms_4096x4608"] = do_bench(
-                                lambda: rq.rotate_quantize(xt, ptt, block, group, bits,
-                                                           check_perm_values=False))
-                    except Exception as e:  # noqa: BLE001 - a setting that fails is a result
-                        row["error"] = repr(e)[:200]
-                    print(json.dumps(row), flush=True)
+    refs = {}
+    for block, group, bm, warps, waves, prec in settings(xdt):
+        if (block, group) not in refs:
+            with backend("torch"):
+                refs[block, group] = rq.rotate_quantize(x, perm, block, group, 4)
+        qr, sr = refs[block, group]
+        OVERRIDE.clear()
+        OVERRIDE.update({key: v for key, v in (("BM", bm), ("num_warps", warps),
+                                               ("waves", waves), ("PREC", prec)) if v})
+        row = dict(dtype=dtype_name, block=block, group=group, BM=bm, warps=warps, waves=waves,
+                   prec=prec)
+        try:
+            q, s = rq.rotate_quantize(x, perm, block, group, 4)
+            row["bytes_equal"] = round((q == qr).float().mean().item(), 5)
+            row["scale_nan_mismatch"] = int((s.isnan() != sr.isnan()).sum())
+            if dev == "cuda":
+                row["ms_4096x4608"] = do_bench(lambda: rq.rotate_quantize(
+                    xt, pt, block, group, 4, check_perm_values=False))
+        except Exception as e:  # noqa: BLE001 - a setting that fails is a result
+            row["error"] = repr(e)[:200]
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
