@@ -291,6 +291,7 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
             x2 = x2[:, perm.long()]
         x2 = apply_outer_hadamard(x2, block, max_kernel_block(torch.float32))
         perm = channel_shift = channel_scale = None
+        prescaled = False
     p = plan(x2.dtype, block, group, bits, prescaled)
     c = p["constexprs"]
     # placeholders of the signature's pointer types (never read: flags / ROT say so)
