@@ -26,6 +26,7 @@ import clq_triton  # noqa: E402
 from clq_triton.images import psnr  # noqa: E402
 from clq_triton.toy.model import GUIDANCE, WEIGHTS_DIR, calibration_data, load_tiny_dit, sample  # noqa: E402,E501
 from clq_triton.toy.shapes import N_CLASSES, N_COLOURS, SHAPES, classify, image_features  # noqa: E402,E501
+from quality import _ms  # noqa: E402
 
 VARIANTS = {
     "CLQ": clq_triton.CLQ(),
@@ -100,12 +101,9 @@ def main():
     write(args, results)
 
 
-def _ms(rows, key, digits=3):
-    v = [r[key] for r in rows if r[key] is not None]
-    if not v:
-        return "—"
-    std = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.fmean(v):.{digits}f} ± {std:.{digits}f}"
+def _col(rows, key, digits=3):
+    """mean ± std of one value over the seeds' rows (quality.py's format)."""
+    return _ms([r[key] for r in rows], digits)
 
 
 def write(args, results):
@@ -124,7 +122,7 @@ def write(args, results):
              "triangle).", "",
              "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, rows in results.items():
-        lines.append(f"| {name} | " + " | ".join(_ms(rows, c, 2 if c == "psnr" else 3)
+        lines.append(f"| {name} | " + " | ".join(_col(rows, c, 2 if c == "psnr" else 3)
                                                  for c in cols) + " |")
     lines += ["", "Per true shape: accuracy, fill drift vs FP, mean |fill − FP fill|, and "
               "where the misses went (summed over seeds):", "",
@@ -134,8 +132,8 @@ def write(args, results):
         for s in SHAPES:
             misses = ", ".join(f"{o} {sum(r[f'{s}_as_{o}'] for r in rows)}"
                                for o in (*SHAPES, "none") if o != s)
-            lines.append(f"| {name} | {s} | {_ms(rows, s + '_acc')} | "
-                         f"{_ms(rows, s + '_fill_drift')} | {_ms(rows, s + '_fill_absdev')} | "
+            lines.append(f"| {name} | {s} | {_col(rows, s + '_acc')} | "
+                         f"{_col(rows, s + '_fill_drift')} | {_col(rows, s + '_fill_absdev')} | "
                          f"{misses} |")
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
