@@ -12,8 +12,9 @@ mean ± std over the seeds:
 - PSNR of each image vs the FP image from the same noise (paired fidelity)
 - FD: Fréchet distance of checker features vs held-out real images (FID-style; lower is better)
 Finished rows are stored in the json as they finish; a rerun skips them (``--fresh`` redoes
-everything). W8A8 runs in one scale mode only (``--w8a8-groups``). CPU (PyTorch reference
-kernels) or CUDA.
+everything). Runs with the same settings may write one json at once (e.g. one per scale mode,
+``--threads 1`` each, on two cores). W8A8 runs in one scale mode only (``--w8a8-groups``).
+CPU (PyTorch reference kernels) or CUDA.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -36,7 +38,8 @@ import torch
 import clq_triton
 from clq_triton.images import psnr
 from clq_triton.toy.model import GUIDANCE, WEIGHTS_DIR, calibration_data, load_tiny_dit, sample
-from clq_triton.toy.shapes import N_CLASSES, accuracy, frechet_distance, image_features, real_features
+from clq_triton.toy.shapes import (N_CLASSES, accuracy, frechet_distance, image_features,
+                                   real_features)
 
 VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "RTN": clq_triton.RTN(),
@@ -112,6 +115,7 @@ def main():
                 m, w_clip_grid=tuple(args.w_clips or m.w_clip_grid),
                 a_clip_grid=tuple(args.a_clips or m.a_clip_grid))
 
+    made = {}  # rows this run made: merged into the json, which other runs may also write
     for model_name in args.models:
         fp, sched = load_tiny_dit(args.weights, outliers=MODELS[model_name])
         fp = fp.to(device)
@@ -122,7 +126,7 @@ def main():
             fp_imgs[seed] = sample(fp, sched, labels, steps=args.steps, guidance=args.guidance,
                                    seed=seed)
         key = f"{model_name}|FP"
-        store["rows"][key] = dict(model=model_name, bits="-", mode="-", method="FP",
+        store["rows"][key] = made[key] = dict(model=model_name, bits="-", mode="-", method="FP",
                                   calib_s=0.0, settings=settings,
                                   seeds=[metrics(fp_imgs[s], None, labels, real)
                                          for s in args.seeds])
@@ -144,12 +148,12 @@ def main():
                 row = dict(model=model_name, bits=bits, mode=_mode(group), method=name,
                            method_config=_jsonable(variants[name].to_dict()), calib_s=calib,
                            settings=settings, seeds=per_seed, command=_command())
-                store["rows"][key] = row
+                store["rows"][key] = made[key] = row
                 s = summary(row)
                 print(f"{key}: acc {s['acc']} PSNR {s['psnr']} FD {s['fd']} "
                       f"({calib:.0f}s calib)", flush=True)
-                save(args, store)
-    save(args, store)
+                save(args, store, made)
+    save(args, store, made)
 
 
 def weights_id(directory: str) -> str:
@@ -197,13 +201,23 @@ def machine(device) -> str:
             "torch threads: see each command), PyTorch reference kernels")
 
 
-def save(args, store) -> None:
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    store["updated"] = str(datetime.date.today())
-    store["command"] = _command()
-    with open(args.json, "w") as f:
-        json.dump(store, f, indent=1)
-    write_table(args, store)
+def save(args, store, made) -> None:
+    """Write the rows this run made into the json and rewrite the table. Runs with the same
+    settings may share one json (e.g. one process per scale mode): under a lock, the file is
+    re-read and this run's rows are merged in. ``--fresh`` replaces the file instead."""
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not args.fresh and os.path.exists(args.json):
+            with open(args.json) as f:
+                store["rows"] = {**json.load(f)["rows"], **made}
+        store["updated"] = str(datetime.date.today())
+        store["command"] = _command()
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(store, f, indent=1)
+        os.replace(tmp, args.json)
+        write_table(args, store)
 
 
 def write_table(args, store) -> None:
