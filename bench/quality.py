@@ -53,6 +53,10 @@ VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "CLQ w/o shift+smoothing": clq_triton.CLQ(shift=False, smooth_alpha=None),
     "CLQ, CLPS at depth": clq_triton.CLQ(clps_target="depth"),
 }
+BASELINES = ("RTN", "Hadamard", "QuaRot", "SmoothQuant")
+PARTS = {"CBC": "CLQ w/o CBC", "OBS": "CLQ w/o OBS", "CLPS": "CLQ w/o CLPS"}
+SHORT = {"CLQ w/o CBC": "w/o CBC", "CLQ w/o OBS": "w/o OBS", "CLQ w/o CLPS": "w/o CLPS",
+         "CLQ w/o shift+smoothing": "w/o shift+sm.", "CLQ, CLPS at depth": "CLPS at depth"}
 MODELS = {"toy+outliers": True, "toy": False}  # name → load_tiny_dit(outliers=...)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -86,7 +90,15 @@ def main():
     ap.add_argument("--json", default=os.path.join(RESULTS, "quality.json"))
     ap.add_argument("--out", default=os.path.join(RESULTS, "quality.md"))
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the json")
+    ap.add_argument("--summary", action="store_true",
+                    help="rewrite the table (--out) from the json, print its summary, exit")
     args = ap.parse_args()
+    if args.summary:
+        with open(args.json) as f:
+            store = json.load(f)
+        write_table(args, store)
+        print("\n".join(summary_tables(store["rows"])))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     groups = [None if g.lower() == "none" else int(g) for g in args.groups]
@@ -194,6 +206,67 @@ def summary(row) -> dict:
             (("acc", 3), ("shape", 3), ("psnr", 2), ("fd", 3))}
 
 
+def _group_key(r):
+    models = list(MODELS)
+    return (models.index(r["model"]) if r["model"] in models else 99, r["bits"],
+            r["mode"] != "per-channel", -int(r["mode"][1:]) if r["mode"][1:].isdigit() else 0)
+
+
+def summary_tables(rows: dict) -> list[str]:
+    """Markdown: PSNR and accuracy per (model, bits, scale mode) × method (means over the
+    seeds, the best baseline-or-CLQ value in bold), then CLQ's margins: over the best baseline
+    and over CLQ without each part, as differences of the means with the larger seed-std of
+    the two in brackets."""
+    means = {}
+    for r in rows.values():
+        if r["method"] != "FP":
+            g = (r["model"], r["bits"], r["mode"])
+            means.setdefault(g, {})[r["method"]] = r
+    groups = sorted(means, key=lambda g: _group_key(dict(model=g[0], bits=g[1], mode=g[2])))
+    methods = [m for m in VARIANTS if any(m in means[g] for g in groups)]
+
+    def stat(r, k):
+        v = [x[k] for x in r["seeds"]]
+        return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+    out = []
+    for k, title, digits in (("psnr", "PSNR vs FP (dB)", 2), ("acc", "accuracy (all 3)", 3)):
+        out += [f"{title}, mean over the seeds; bold: the best of the baselines and CLQ", "",
+                "| model | bits | scales | " + " | ".join(SHORT.get(m, m) for m in methods)
+                + " |", "|---" * (3 + len(methods)) + "|"]
+        for g in groups:
+            got = {m: stat(r, k)[0] for m, r in means[g].items()}
+            head = [m for m in (*BASELINES, "CLQ") if m in got]
+            best = max(got[m] for m in head) if head else None
+            cells = ["" if m not in got else
+                     (f"**{got[m]:.{digits}f}**" if m in head and got[m] == best
+                      else f"{got[m]:.{digits}f}") for m in methods]
+            out.append(f"| {' | '.join(g)} | " + " | ".join(cells) + " |")
+        out.append("")
+
+    def margin(a, b):
+        d = []
+        for k, digits in (("psnr", 2), ("acc", 3)):
+            (ma, sa), (mb, sb) = stat(a, k), stat(b, k)
+            d.append(f"{ma - mb:+.{digits}f} ({max(sa, sb):.{digits}f})")
+        return " / ".join(d)
+
+    out += ["CLQ's margins, PSNR dB / accuracy: CLQ minus the best baseline (by PSNR) and "
+            "minus CLQ without each part; in brackets the larger seed-std of the two", "",
+            "| model | bits | scales | best baseline | vs it | " + " | ".join(PARTS) + " |",
+            "|---" * (5 + len(PARTS)) + "|"]
+    for g in groups:
+        rs = means[g]
+        if "CLQ" not in rs:
+            continue
+        base = [m for m in BASELINES if m in rs]
+        top = max(base, key=lambda m: stat(rs[m], "psnr")[0]) if base else None
+        cells = [top or "", margin(rs["CLQ"], rs[top]) if top else ""]
+        cells += [margin(rs["CLQ"], rs[v]) if v in rs else "" for v in PARTS.values()]
+        out.append(f"| {' | '.join(g)} | " + " | ".join(cells) + " |")
+    return out
+
+
 def machine(device) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -240,6 +313,10 @@ def write_table(args, store) -> None:
         "activation outliers (clq_triton.toy.outliers). Scale modes (kernels.formats): gN = "
         "activation scale per token per N channels and two-level 4-bit weights, per-channel "
         "= one scale per token and per output channel. Hadamard block 64.",
+        "",
+        *summary_tables(rows),
+        "",
+        "## All rows",
         "",
         "| model | bits | scales | method | acc (all 3) | shape acc | PSNR vs FP (dB) | FD ↓ |"
         " calib s |",

@@ -56,12 +56,18 @@ def test_train_script_and_quality_table_run(tmp_path):
                          timeout=600, env=env)  # adds the per-channel rows, keeps the g64 ones
     assert out.returncode == 0, out.stderr[-2000:]
     assert "g64" not in out.stdout and out.stdout.count("per-channel") == 2
-    rows = [ln.split("|") for ln in table.read_text().splitlines() if ln.startswith("| ")]
+    summary, full = table.read_text().split("## All rows")
+    assert "| toy+outliers | w4a4 | g64 |" in summary and "**" in summary
+    rows = [ln.split("|") for ln in full.splitlines() if ln.startswith("| ")]
     assert [(r[3].strip(), r[4].strip()) for r in rows[1:]] == [
         ("-", "FP"), ("g64", "RTN"), ("g64", "CLQ"), ("per-channel", "RTN"),
         ("per-channel", "CLQ")]
     assert all(r[1].strip() == "toy+outliers" and " ± " in r[5] for r in rows[1:])
     saved = json.loads(store.read_text())
+    table.unlink()  # --summary rewrites the table from the json alone and prints the summary
+    out = subprocess.run(cmd + ["--summary"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode == 0 and out.stdout.strip() in table.read_text(), out.stderr[-2000:]
     assert len(saved["rows"]) == 5 and all(len(r["seeds"]) == 2 for r in saved["rows"].values())
     # rows of other settings are not mixed into one table: a rerun with other seeds refuses
     out = subprocess.run(cmd[:cmd.index("--seeds")] + ["--seeds", "0"]
