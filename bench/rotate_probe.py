@@ -1,7 +1,8 @@
 """GPU probe of the rotate+quantize kernel's launch settings: for each Hadamard block and scale
-mode, tile rows (BM), warps and persistent programs per column (in waves of the GPU's SMs),
-the time on a PixArt-sized input and the share of packed bytes equal to the PyTorch
-reference's on a small one. Also the dot precision for block 128 (fp32 / shifted input).
+mode, tile rows (BM), warps, persistent programs per column (in waves of the GPU's SMs) and,
+for per-token scales, one launch per span or two per tile (``_split_spans``): the time on a
+PixArt-sized input and the share of packed bytes equal to the PyTorch reference's on a small
+one. Also the dot precision for block 128 (fp32 / shifted input).
 
     python bench/rotate_probe.py [bf16|fp32]     # on a CUDA machine; one JSON line per setting
 
@@ -25,6 +26,7 @@ from clq_triton.kernels import rotate_quantize as rq  # noqa: E402
 from clq_triton.kernels._runtime import backend  # noqa: E402
 
 ORIG_PLAN = rq.plan
+ORIG_SPLIT = rq._split_spans
 OVERRIDE: dict = {}
 
 
@@ -35,9 +37,14 @@ def plan(*args, **kwargs):
     for key, value in OVERRIDE.items():
         if key == "num_warps":
             p["num_warps"] = value
-        elif key != "waves":
+        elif key not in ("waves", "split"):
             p["constexprs"][key] = value
     return p
+
+
+def split_spans(programs, device):
+    """OVERRIDE["split"] if set, else the shipped rule."""
+    return OVERRIDE["split"] if "split" in OVERRIDE else ORIG_SPLIT(programs, device)
 
 
 def programs_per_column(device):
@@ -48,21 +55,24 @@ def programs_per_column(device):
 
 
 def settings(xdt):
-    """(block, group, BM, warps, waves, precision): the shipped plan (None = as shipped) and a
-    grid around it; the dot precision only for block 128."""
+    """(block, group, BM, warps, waves, precision, split): the shipped plan (None = as shipped)
+    and a grid around it; the dot precision only for block 128; per-token scales (group None)
+    also with one launch per span and with two per tile."""
     out = []
     for block, group in itertools.product((None, 64, 128), (None, 64)):
-        out.append((block, group, None, None, None, None))
-        out += [(block, group, bm, w, waves, None) for bm in (16, 32, 64, 128) for w in (4, 8)
-                for waves in (2, 4, 8)]
+        out.append((block, group, None, None, None, None, None))
+        splits = (False, True) if group is None else (None,)
+        out += [(block, group, bm, w, waves, None, sp) for bm in (16, 32, 64, 128)
+                for w in (4, 8) for waves in (2, 4, 8) for sp in splits]
     precs = ("tf32", "tf32x3", "ieee") if xdt != torch.float32 else ("tf32x3", "ieee")
-    out += [(128, 64, None, None, None, p) for p in precs]
+    out += [(128, 64, None, None, None, p, None) for p in precs]
     return out
 
 
 def main(dtype_name="bf16"):
     rq.plan = plan
     rq._programs_per_column = programs_per_column
+    rq._split_spans = split_spans
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     xdt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     g = torch.Generator().manual_seed(0)
@@ -82,7 +92,7 @@ def main(dtype_name="bf16"):
                               gather_ms=do_bench(lambda: torch.index_select(xt, 1, pt)))),
               flush=True)
     refs = {}
-    for block, group, bm, warps, waves, prec in settings(xdt):
+    for block, group, bm, warps, waves, prec, split in settings(xdt):
         if (block, group) not in refs:
             with backend("torch"):
                 refs[block, group] = rq.rotate_quantize(x, perm, block, group, 4)
@@ -90,8 +100,10 @@ def main(dtype_name="bf16"):
         OVERRIDE.clear()
         OVERRIDE.update({key: v for key, v in (("BM", bm), ("num_warps", warps),
                                                ("waves", waves), ("PREC", prec)) if v})
+        if split is not None:
+            OVERRIDE["split"] = split
         row = dict(dtype=dtype_name, block=block, group=group, BM=bm, warps=warps, waves=waves,
-                   prec=prec)
+                   prec=prec, split=split)
         try:
             q, s = rq.rotate_quantize(x, perm, block, group, 4)
             row["bytes_equal"] = round((q == qr).float().mean().item(), 5)

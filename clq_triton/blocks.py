@@ -14,7 +14,8 @@ class _Stop(Exception):
     pass
 
 
-def find_blocks(model: nn.Module, sample: tuple[tuple, dict], device) -> list[tuple[str, nn.Module]]:
+def find_blocks(model: nn.Module, sample: tuple[tuple, dict],
+                device) -> list[tuple[str, nn.Module]]:
     """The children of every nn.ModuleList in ``model`` (e.g. ``transformer_blocks.3``,
     ``single_transformer_blocks.0``), in the order one forward pass calls them."""
     candidates = {}

@@ -84,7 +84,8 @@ def calibrate(
     in_blocks = {n for todo in by_block.values() for n, _, _ in todo}
     outside = [n for n, _, _ in layers if n not in in_blocks]
     if outside:
-        raise ValueError(f"calibrated methods quantize layers inside blocks only; outside: {outside}")
+        raise ValueError("calibrated methods quantize layers inside blocks only; "
+                         f"outside: {outside}")
     target = method.clps_target if method.search else None
     links = block_links(model, blocks, data.samples[0], device)
     cbc = method.cbc

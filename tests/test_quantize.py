@@ -203,6 +203,40 @@ def test_rotate_quantize_reference_backend_agrees(kernel_device, gen):
     torch.testing.assert_close(sk.cpu(), sr)
 
 
+@pytest.mark.parametrize("dtype, block, group, bits", [
+    (torch.bfloat16, None, None, 4), (torch.bfloat16, 16, None, 8), (torch.float16, 32, 256, 4),
+    (torch.float32, 128, None, 4), (torch.bfloat16, 128, 256, 8), (torch.float16, 512, None, 4)])
+def test_rotate_quantize_split_spans_equal_one_launch(kernel_device, monkeypatch, dtype, block,
+                                                      group, bits, gen):
+    """Scale spans wider than the tile (per token, or 256 on a smaller tile) as one launch per
+    span or as two launches per tile (tile maxima, then codes): the same bytes and scales,
+    including rows with NaN/Inf, all-zero rows, an outlier and a partial last row block."""
+    import clq_triton.kernels.rotate_quantize as rq
+
+    m, k = 37, 2560  # 40 tiles of 64: the tile-maxima loop runs over a full and a masked chunk
+    x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+    x[0] = 0.0
+    x[5, 300] = 3e4
+    x[6, 10] = float("nan")
+    x[36, 2000] = float("inf")
+    perm = torch.randperm(k, generator=gen).to(kernel_device)
+    shift = torch.randn(k, generator=gen).to(kernel_device) if bits == 8 else None
+    got = {}
+    for split in (False, True):
+        monkeypatch.setattr(rq, "_split_spans", lambda programs, device, split=split: split)
+        q, s = _poisoned(m, k, group, bits, kernel_device)
+        rotate_quantize(x.to(kernel_device), perm, block, group, bits, out=(q, s),
+                        channel_shift=shift)
+        got[split] = q.cpu(), s.cpu()
+    assert torch.equal(got[True][0], got[False][0])
+    torch.testing.assert_close(got[True][1], got[False][1], rtol=0, atol=0, equal_nan=True)
+    assert got[True][1][[6, 36]].isnan().any(dim=1).all()
+    assert shift is not None or (got[True][1][0] == 0).all()
+    clean = [i for i in range(m) if i not in (6, 36)]
+    _check_against_ref(x[clean], perm.cpu(), block, group, bits, 1.0, got[True][0][clean],
+                       got[True][1][clean], shift=shift.cpu() if shift is not None else None)
+
+
 @pytest.mark.parametrize("block", [None, 64, 512])
 @pytest.mark.parametrize("group", [64, None])
 @pytest.mark.parametrize("use_scale, use_shift", [(True, False), (False, True), (True, True)])

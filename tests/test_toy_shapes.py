@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from clq_triton.toy.shapes import (N_CLASSES, accuracy, classify, decode_label, encode_label,

@@ -21,7 +21,10 @@ tf32 cost 5e-4 relative error on an H100). Programs
 are persistent over row blocks. Groups that fit in a tile are quantized from registers;
 larger scale spans (a group of 256 with a smaller tile, or the whole row with
 ``group_size=None``) take two passes over the span's tiles, reading x twice: the span's max
-first, then the codes.
+first, then the codes. Where one program per (row block, span) would leave SMs idle (per-token
+scales on a few thousand tokens), the two passes are two launches over (row block, tile)
+instead, with the tiles' maxima in a float32 [M, K / T] buffer between them
+(``_split_spans``).
 """
 
 from __future__ import annotations
@@ -135,23 +138,28 @@ def _scale_and_inverse(amax, nbad, scale_mult):
 
 
 # Specialization contract (see gemm.py): pointers and ALIGNED integers are multiples of 16.
-ALIGNED = ("x_ptr", "perm_ptr", "sh_ptr", "cs_ptr", "h_ptr", "q_ptr", "s_ptr", "span", "stride_xm",
-           "stride_qm")
-NO_SPECIALIZE = ("M", "stride_sm", "n_row_blocks")
+ALIGNED = ("x_ptr", "perm_ptr", "sh_ptr", "cs_ptr", "h_ptr", "q_ptr", "s_ptr", "p_ptr", "span",
+           "stride_xm", "stride_qm")
+NO_SPECIALIZE = ("M", "stride_sm", "stride_pm", "n_row_blocks")
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _rotate_quantize_kernel(
-    x_ptr, perm_ptr, sh_ptr, cs_ptr, h_ptr, q_ptr, s_ptr,
-    M, span, stride_xm, stride_qm, stride_sm, scale_mult, h_norm, n_row_blocks, has_perm, has_sh,
-    has_cs,
+    x_ptr, perm_ptr, sh_ptr, cs_ptr, h_ptr, q_ptr, s_ptr, p_ptr,
+    M, span, stride_xm, stride_qm, stride_sm, stride_pm, scale_mult, h_norm, n_row_blocks,
+    has_perm, has_sh, has_cs,
     BM: tl.constexpr, T: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr,
-    TILE_GROUP: tl.constexpr, BITS: tl.constexpr,
+    TILE_GROUP: tl.constexpr, BITS: tl.constexpr, PHASE: tl.constexpr,
 ):
     # Program (i, j) handles row blocks i, i + P, i + 2P, … (P programs along axis 0) and
-    # column range j: with TILE_GROUP > 0, the T-column tile j holding T / TILE_GROUP groups;
-    # with TILE_GROUP == 0, scale span j of ``span`` columns (a group larger than T, or the whole
-    # row per token), in two passes: the span's max first, then its codes.
+    # column range j.
+    # PHASE 0, TILE_GROUP > 0: the T-column tile j, holding T / TILE_GROUP groups.
+    # PHASE 0, TILE_GROUP == 0: scale span j of ``span`` columns (a group larger than T, or the
+    #   whole row per token), in two loops over its tiles: the span's max first, then its codes.
+    # The same spans as two launches over (row block, tile j), for more programs than spans:
+    # PHASE 1 writes tile j's max |y| per row into p (float32 [M, K / T]; −1 where the tile
+    # holds NaN/Inf); PHASE 2 reduces the maxima of tile j's span, writes the span's scale
+    # (from the span's first tile) and tile j's codes.
     HALF: tl.constexpr = T // 2
     QMAX: tl.constexpr = 7 if BITS == 4 else 127
     hj = tl.arange(0, HALF)
@@ -163,7 +171,35 @@ def _rotate_quantize_kernel(
     for mb in range(tl.program_id(0), n_row_blocks, tl.num_programs(0)):
         rows = mb * BM + tl.arange(0, BM)
         row_ok = rows < M
-        if TILE_GROUP == 0:
+        if PHASE == 1:
+            y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
+                                         stride_xm, col * T, h_norm, has_perm, has_sh, has_cs,
+                                         HALF, ROT, PREC)
+            t_max, t_bad = _max_finite(y_lo, y_hi, 1)
+            tl.store(p_ptr + rows.to(tl.int64) * stride_pm + col,
+                     tl.where(t_bad > 0, -1.0, t_max), mask=row_ok)
+        elif PHASE == 2:
+            tiles = span // T
+            first = (col // tiles) * tiles
+            amax = tl.zeros((BM,), dtype=tl.float32)
+            low = tl.zeros((BM,), dtype=tl.float32)
+            for c0 in range(first, first + tiles, 32):
+                cj = c0 + tl.arange(0, 32)
+                pt = tl.load(p_ptr + rows[:, None].to(tl.int64) * stride_pm + cj[None, :],
+                             mask=row_ok[:, None] & (cj < first + tiles)[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.max(pt, axis=1))
+                low = tl.minimum(low, tl.min(pt, axis=1))
+            scale, inv, bad = _scale_and_inverse(amax, tl.where(low < 0, 1, 0), scale_mult)
+            if col == first:
+                tl.store(s_ptr + rows.to(tl.int64) * stride_sm + col // tiles, scale,
+                         mask=row_ok)
+            y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
+                                         stride_xm, col * T, h_norm, has_perm, has_sh, has_cs,
+                                         HALF, ROT, PREC)
+            _store_codes(q_ptr, rows, row_ok, stride_qm, col * T,
+                         _codes(y_lo, inv[:, None], bad[:, None], QMAX),
+                         _codes(y_hi, inv[:, None], bad[:, None], QMAX), HALF, BITS)
+        elif TILE_GROUP == 0:
             amax = tl.zeros((BM,), dtype=tl.float32)
             nbad = tl.zeros((BM,), dtype=tl.int32)
             for k0 in range(col * span, col * span + span, T):
@@ -215,9 +251,10 @@ def max_kernel_block(dtype: torch.dtype, prescaled: bool = False) -> int:
 
 
 def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int,
-         prescaled: bool = False) -> dict:
+         prescaled: bool = False, phase: int = 0) -> dict:
     """The kernel's compile-time arguments and launch settings for one call; ``prescaled``:
-    a channel shift or multiplier is applied before the rotation.
+    a channel shift or multiplier is applied before the rotation; ``phase``: 0 = one launch,
+    1 / 2 = the two launches of split scale spans (``TILE_GROUP == 0`` only).
 
     Blocks above ``max_kernel_block`` are split: the launcher applies the permutation, the
     channel shift and multiplier and the outer Hadamard factor in PyTorch (float32), the kernel
@@ -231,10 +268,12 @@ def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: in
     t = max(hb, 64)  # the rotation's tile: as small as the block allows (fewer dot flops)
     rot = 0 if hb == 0 else (1 if hb <= 32 else 2)
     tile_group = group_size if group_size is not None and group_size <= t else 0
+    if phase and tile_group:
+        raise ValueError("phases 1 and 2 are for scale spans wider than the tile")
     bm = 16 if interpreter_on() else {64: 64, 128: 32, 256: 16}[t]
     return {
         "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x3",
-                           TILE_GROUP=tile_group, BITS=bits),
+                           TILE_GROUP=tile_group, BITS=bits, PHASE=phase),
         "num_warps": 4, "dtype": dtype, "block": hb,
         "h_block": hb if rot == 1 else hb // 2,
     }
@@ -250,9 +289,13 @@ def kernel_specs():
             for group in (None, 64, 128, 256):
                 for bits in (4, 8):
                     for prescaled in (False, True):
-                        p = plan(dtype, block, group, bits, prescaled)
-                        seen.setdefault((p["dtype"], tuple(sorted(p["constexprs"].items())),
-                                         p["num_warps"]), p)
+                        for phase in (0, 1, 2):
+                            try:
+                                p = plan(dtype, block, group, bits, prescaled, phase)
+                            except ValueError:
+                                continue
+                            seen.setdefault((p["dtype"], tuple(sorted(p["constexprs"].items())),
+                                             p["num_warps"]), p)
     return list(seen.values())
 
 
@@ -260,10 +303,10 @@ def signature(dtype: torch.dtype, bits: int) -> dict:
     """Triton signature of the pointer and scalar arguments (for compiling without a GPU)."""
     x = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     return {"x_ptr": x, "perm_ptr": "*i32", "sh_ptr": "*fp32", "cs_ptr": "*fp32", "h_ptr": "*fp32",
-            "q_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32",
+            "q_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32", "p_ptr": "*fp32",
             "M": "i32", "span": "i32", "stride_xm": "i32", "stride_qm": "i32",
-            "stride_sm": "i32", "scale_mult": "fp32", "h_norm": "fp32", "n_row_blocks": "i32",
-            "has_perm": "u1", "has_sh": "u1", "has_cs": "u1"}
+            "stride_sm": "i32", "stride_pm": "i32", "scale_mult": "fp32", "h_norm": "fp32",
+            "n_row_blocks": "i32", "has_perm": "u1", "has_sh": "u1", "has_cs": "u1"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,12 +317,24 @@ def _hadamard_tile(half: int, h_block: int, device: torch.device) -> torch.Tenso
 
 
 @functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _programs_per_column(device: torch.device) -> int:
     """Persistent programs along the rows: a few waves of the GPU (2 in the interpreter, so
     that the tests run the row loop)."""
-    if device.type != "cuda":
-        return 2
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _sm_count(device) if device.type == "cuda" else 2
+
+
+def _split_spans(programs: int, device: torch.device) -> bool:
+    """Whether scale spans wider than the tile (per-token scales, groups of 256 on small
+    tiles) take the two-launch path (tile maxima, then codes; ``programs`` per tile instead of
+    per span): when one program per (row block, span) would leave SMs idle. On an H100 the
+    one-launch per-token path ran 64 programs for 4096 tokens and was latency-bound
+    (bench/results/gpu-2026-11-27/). In the interpreter: below 2 programs, so that the tests
+    run both paths."""
+    return programs < (_sm_count(device) if device.type == "cuda" else 2)
 
 
 def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale):
@@ -294,21 +349,28 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
         prescaled = False
     p = plan(x2.dtype, block, group, bits, prescaled)
     c = p["constexprs"]
-    # placeholders of the signature's pointer types (never read: flags / ROT say so)
+    # placeholders of the signature's pointer types (never read: flags / ROT / PHASE say so)
     h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else s
     span = k if group is None else group
-    n_cols = k // c["T"] if c["TILE_GROUP"] else k // span
     n_row_blocks = triton.cdiv(m, c["BM"])
+    phases, n_cols, partial = (0,), k // c["T"], s
+    if not c["TILE_GROUP"]:
+        if _split_spans(n_row_blocks * (k // span), x2.device):
+            phases = (1, 2)
+            partial = torch.empty((m, k // c["T"]), dtype=torch.float32, device=x2.device)
+        else:
+            n_cols = k // span
     grid = (min(n_row_blocks, max(1, _programs_per_column(x2.device) // n_cols)), n_cols)
-    _rotate_quantize_kernel[grid](
-        x2, perm if perm is not None else s.view(torch.int32),
-        channel_shift if channel_shift is not None else s,
-        channel_scale if channel_scale is not None else s,
-        h, q, s, m, span, x2.stride(0), q.stride(0), s.stride(0),
-        scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
-        n_row_blocks, perm is not None, channel_shift is not None, channel_scale is not None,
-        num_warps=p["num_warps"], **c,
-    )
+    for phase in phases:
+        _rotate_quantize_kernel[grid](
+            x2, perm if perm is not None else s.view(torch.int32),
+            channel_shift if channel_shift is not None else s,
+            channel_scale if channel_scale is not None else s,
+            h, q, s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0), partial.stride(0),
+            scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
+            n_row_blocks, perm is not None, channel_shift is not None, channel_scale is not None,
+            num_warps=p["num_warps"], **dict(c, PHASE=phase),
+        )
 
 
 def _check_channel_vector(name: str, v: torch.Tensor | None, k: int) -> None:
