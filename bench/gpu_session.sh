@@ -8,7 +8,7 @@
 #   bash bench/gpu_session.sh               # results: bench/results/ and $OUT
 #   SMOKE=1 bash bench/gpu_session.sh       # the same steps on tiny shapes in the interpreter
 # Times: WARM_S (phase 1 limit, default 200), CHECK_BUDGET (gpu_check --budget, default 170),
-# PROBE_S (rotate_probe.py, default 180).
+# PROBE_S (rotate_probe.py, default 240).
 set -u
 OUT=${OUT:-/tmp/gpu-session-out}
 WARM=${WARM:-/tmp/clq-warm}
@@ -63,6 +63,6 @@ echo "== phase 2: gpu_check alone ($(date -u +%T))"
 CLQ_CACHE_DIR="$OUT/tuned" $PY bench/gpu_check.py $SMOKE_ARG --autotune \
   --budget "${CHECK_BUDGET:-170}" --out "${RESULTS:-bench/results}"
 if [ -z "${SMOKE:-}" ]; then  # rotate+quantize per tile rows / warps / precision
-  timeout "${PROBE_S:-180}" $PY bench/rotate_probe.py bf16 > "$OUT/rotate-probe-bf16.jsonl" 2>&1
+  timeout "${PROBE_S:-240}" $PY bench/rotate_probe.py bf16 > "$OUT/rotate-probe-bf16.jsonl" 2>&1
 fi
 echo "done ($(date -u +%T))"
