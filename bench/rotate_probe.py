@@ -5,6 +5,7 @@ PixArt-sized input and the share of packed bytes equal to the PyTorch reference'
 one. Also the dot precision for block 128 (fp32 / shifted input).
 
     python bench/rotate_probe.py [bf16|fp32]     # on a CUDA machine; one JSON line per setting
+    python bench/rotate_probe.py --summary probe.jsonl   # per (block, group): shipped vs best
 
 Written after block 128 gave wrong codes on an H100 with triton 3.6 while the interpreter and
 every CPU test agreed with the reference (bench/results/gpu-2026-11-27/); now for choosing the
@@ -116,5 +117,42 @@ def main(dtype_name="bf16"):
         print(json.dumps(row), flush=True)
 
 
+def summary(lines) -> list[str]:
+    """Markdown: per (dtype, block, group), the shipped setting's time, the fastest correct
+    setting (≥ 99.9 % of bytes equal to the reference, no NaN mismatch) and, for per-token
+    scales, the fastest with one launch per span and with two per tile."""
+    rows = [json.loads(ln) for ln in lines if ln.startswith("{") and '"block"' in ln]
+    ok = [r for r in rows if "ms_4096x4608" in r and r.get("bytes_equal", 0) >= 0.999
+          and not r.get("scale_nan_mismatch")]
+    out = ["| dtype | block | group | shipped ms | best ms | best setting | one launch | two |",
+           "|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["dtype"], r["block"], r["group"]) for r in rows))
+    settings_of = ("BM", "warps", "waves", "prec", "split")
+    for key in keys:
+        mine = [r for r in ok if (r["dtype"], r["block"], r["group"]) == key]
+        shipped = [r for r in mine if all(r.get(k) is None for k in settings_of)]
+        best = min(mine, key=lambda r: r["ms_4096x4608"], default=None)
+
+        def fastest(split):
+            t = [r["ms_4096x4608"] for r in mine if r.get("split") is split]
+            return f"{min(t):.3f}" if t else ""
+
+        out.append("| " + " | ".join(str(v) for v in key) + " | "
+                   + (f"{shipped[0]['ms_4096x4608']:.3f}" if shipped else "") + " | "
+                   + (f"{best['ms_4096x4608']:.3f}" if best else "") + " | "
+                   + (", ".join(f"{k}={best.get(k)}" for k in settings_of
+                                if best.get(k) is not None) if best else "")
+                   + f" | {fastest(False)} | {fastest(True)} |")
+    bad = [r for r in rows if r.get("error") or r.get("bytes_equal", 1) < 0.999
+           or r.get("scale_nan_mismatch")]
+    out.append(f"\n{len(rows)} settings, {len(ok)} timed and correct, {len(bad)} failed or "
+               "wrong")
+    return out
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--summary"]:
+        with open(sys.argv[2]) as f:
+            print("\n".join(summary(f.readlines())))
+    else:
+        main(*sys.argv[1:])

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,3 +32,31 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
         elif r.get("op") == "QuantLinear":
             assert r["triton_vs_torch"] < 1e-3, r
     assert (tmp_path / js.name.replace(".json", ".md")).read_text().startswith("# GPU check")
+
+
+def test_rotate_probe_runs_and_summarizes(kernel_device, monkeypatch, capsys):
+    """bench/rotate_probe.py on a subset of its settings (in the interpreter: correctness only,
+    no timings): every setting, split spans included, equals the reference; its summary of
+    GPU-like lines picks the fastest correct setting and skips the wrong ones."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import rotate_probe
+
+    import clq_triton.kernels.rotate_quantize as rq
+
+    monkeypatch.setattr(rq, "plan", rq.plan)  # main() overrides them; restored after the test
+    monkeypatch.setattr(rq, "_split_spans", rq._split_spans)
+    monkeypatch.setattr(rq, "_programs_per_column", rq._programs_per_column)
+    full = rotate_probe.settings(torch.bfloat16)
+    subset = [s for s in full if s[:2] == (64, None) and s[2] in (None, 32) and s[3] in (None, 4)
+              and s[4] in (None, 2)] + [s for s in full if s[5]]
+    monkeypatch.setattr(rotate_probe, "settings", lambda xdt: subset)
+    rotate_probe.main("bf16")
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert len(rows) == len(subset) and {r["split"] for r in rows} == {None, False, True}
+    assert all(r["bytes_equal"] == 1.0 and r["scale_nan_mismatch"] == 0 for r in rows), rows
+    timed = [dict(r, ms_4096x4608=t) for r, t in zip(rows, (0.3, 0.2, 0.1, 0.05, 0.4, 0.5))]
+    timed[3]["bytes_equal"] = 0.5  # fastest, but wrong: not picked
+    table = rotate_probe.summary([json.dumps(r) for r in timed])
+    line = next(t for t in table if t.startswith("| bf16 | 64 | None |"))
+    assert "| 0.300 | 0.100 | BM=32, warps=4, waves=2, split=True | 0.200 | 0.100 |" in line
+    assert table[-1].endswith("1 failed or wrong")
