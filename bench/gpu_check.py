@@ -14,6 +14,7 @@ go on; sections are skipped once --budget seconds have passed):
 4. QuantLinear vs nn.Linear;
 5. a PixArt-Σ-sized transformer (28 blocks, hidden 1152, 4096 image tokens, random weights):
    FP bf16 vs W4A4 / W8A8, time, peak memory, first-call time, output error.
+Sections 1, 4 and 5 also run 4-bit layers with int8 operands (``use_int8_operands``).
 Writes ``<out>/gpu-check-<device>-<date>.json`` and ``.md`` (device, versions, commit).
 """
 
@@ -150,7 +151,7 @@ def main(argv=None):
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
 
-    from clq_triton import QuantConfig, QuantLinear, patch
+    from clq_triton import QuantConfig, QuantLinear, patch, use_int8_operands
     from clq_triton.kernels import tuning
     from clq_triton.kernels._runtime import backend
     from clq_triton.kernels.gemm import quant_matmul
@@ -230,9 +231,12 @@ def main(argv=None):
                 with backend("torch"):
                     yr = ql(xx).float()
                 ref = lin(xx).float()
+                # int8 operands: the W8A8 kernel on unpacked 4-bit codes, the same sums
+                y8 = ql.use_int8_operands()(xx).float() if 4 in (wb, ab) else y
             log(section="correctness", op="QuantLinear", mode=mode_name(wb, ab, group),
                 triton_vs_torch=float((y - yr).norm() / yr.norm()),
-                vs_fp=float((y - ref).norm() / ref.norm()))
+                vs_fp=float((y - ref).norm() / ref.norm()),
+                int8_operands_equal=bool(torch.equal(y8, y)))
 
     @sec("gemm")
     def gemm():
@@ -307,9 +311,11 @@ def main(argv=None):
                 for wb, ab, group in modes:
                     ql = QuantLinear.from_linear(lin, QuantConfig(
                         w_bits=wb, a_bits=ab, group_size=group, hadamard_block=128))
-                    name = mode_name(wb, ab, group)
-                    row[f"{name}_ms"] = ms(lambda: ql(x))
-                    row[f"{name}_x_linear"] = round(row["linear_ms"] / row[f"{name}_ms"], 3)
+                    for suffix in ("", "-int8") if 4 in (wb, ab) else ("",):
+                        ql.use_int8_operands(suffix == "-int8")
+                        name = mode_name(wb, ab, group) + suffix
+                        row[f"{name}_ms"] = ms(lambda: ql(x))
+                        row[f"{name}_x_linear"] = round(row["linear_ms"] / row[f"{name}_ms"], 3)
             log(**row)
 
     @sec("pixart")
@@ -334,10 +340,15 @@ def main(argv=None):
         log(section="pixart", tokens=(side // 2) ** 2, blocks=len(fp.transformer_blocks), **row)
         import copy
 
-        for bits, group in (("w4a4", None), ("w4a4", 128), ("w8a8", None)):
+        for bits, group, int8 in (("w4a4", None, False), ("w4a4", None, True),
+                                  ("w4a4", 128, False), ("w4a4", 128, True),
+                                  ("w8a8", None, False)):
             q = copy.deepcopy(fp)
             report = patch(q, QuantConfig.from_bits(bits, group_size=group), progress=False)
-            out, r = measure(q, f"{bits}-{'g%d' % group if group else 'pc'}")
+            if int8:
+                use_int8_operands(q)
+            out, r = measure(q, f"{bits}-{'g%d' % group if group else 'pc'}"
+                             + ("-int8" if int8 else ""))
             r["x_fp"] = round(row["ms"] / r["ms"], 3)
             r["rel_err_vs_fp"] = float((out - ref).norm() / ref.norm())
             r["weight_ratio"] = round(report.weight_ratio, 4)

@@ -11,6 +11,7 @@ from .kernels.formats import (
     FORMAT_VERSION,
     check_k,
     code_dtype,
+    int8_weight_codes,
     pack_codes,
     stored_columns,
     unpack_codes,
@@ -36,6 +37,13 @@ class QuantLinear(nn.Module):
       bias:    float32 [N] (b + W·δ), or None
     The settings (bits, group size, Hadamard block, activation clip) travel in the state dict
     as extra state, so ``load_state_dict`` restores a layer exactly.
+
+    Int8 operands (:meth:`use_int8_operands`, off by default and not saved): 4-bit weight
+    codes unpacked once into a non-persistent buffer ``qweight_int8`` (int8 [N, K], code ·
+    group integer; 1 byte per weight on top of the packed 0.5) and activations quantized to
+    4-bit values stored as int8, so the GEMM runs the W8A8 kernel, whose tiles need no
+    unpacking (no int4 tensor-core dot exists from Hopper on). Same result: the integer sums
+    are exact either way.
 
     forward: x [..., K] fp16/bf16/fp32 → y [..., N] in x's dtype. On CUDA (or with
     TRITON_INTERPRET=1) it runs the fused rotate+quantize kernel then the quantized GEMM; on
@@ -74,7 +82,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("channel_shift", torch.zeros(in_features, device=device)
                              if has_channel_shift else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self.register_load_state_dict_post_hook(_check_loaded_perm)
+        self.register_buffer("qweight_int8", None, persistent=False)
+        self.register_load_state_dict_post_hook(_after_load)
 
     @classmethod
     def from_linear(
@@ -141,16 +150,32 @@ class QuantLinear(nn.Module):
                              f"{self.qweight.device}; move one of them")
         cfg = self.config
         x2 = x.reshape(-1, self.in_features)
+        int8 = self.qweight_int8 is not None
         # The operators directly: the buffers were validated when built or loaded (perm read
         # back once there), so the hot path checks only x, above.
         xq, xs = torch.ops.clq_triton.rotate_quantize(x2, self.perm, self.channel_shift,
                                                       self.channel_scale, cfg.hadamard_block,
                                                       cfg.group_size, cfg.a_bits,
-                                                      float(cfg.a_clip))
-        y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight, self.wscale, self.wgroup,
-                                              self.bias, cfg.a_bits, cfg.w_bits, cfg.group_size,
-                                              x.dtype)
+                                                      float(cfg.a_clip), not int8)
+        if int8:
+            y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight_int8, self.wscale, None,
+                                                  self.bias, 8, 8, cfg.group_size, x.dtype)
+        else:
+            y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight, self.wscale,
+                                                  self.wgroup, self.bias, cfg.a_bits,
+                                                  cfg.w_bits, cfg.group_size, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def use_int8_operands(self, enabled: bool = True) -> "QuantLinear":
+        """Run the GEMM on int8 operands (see the class docstring); ``False`` frees the int8
+        weight copy. No effect on W8A8 layers, whose codes are int8 already."""
+        cfg = self.config
+        if enabled and 4 in (cfg.w_bits, cfg.a_bits):
+            self.qweight_int8 = int8_weight_codes(self.qweight, cfg.w_bits, self.wgroup,
+                                                  cfg.group_size)
+        else:
+            self.qweight_int8 = None
+        return self
 
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ in the original basis, float32 [N, K]: Q(W·D⁻¹·G)·Gᵀ·D."""
@@ -194,12 +219,26 @@ class QuantLinear(nn.Module):
                 f"channel_shift={self.channel_shift is not None}")
 
 
+def use_int8_operands(model: nn.Module, enabled: bool = True) -> int:
+    """:meth:`QuantLinear.use_int8_operands` on every QuantLinear in ``model`` that has a
+    4-bit side; returns how many. Call it after the model is on its device and after loading
+    (the int8 copies are not saved)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)
+              and 4 in (m.config.w_bits, m.config.a_bits)]
+    for m in layers:
+        m.use_int8_operands(enabled)
+    return len(layers)
+
+
 def _package_version() -> str:
     from . import __version__
 
     return __version__
 
 
-def _check_loaded_perm(module: QuantLinear, incompatible_keys) -> None:
-    """After load_state_dict: the loaded perm must be a permutation (forward trusts it)."""
+def _after_load(module: QuantLinear, incompatible_keys) -> None:
+    """After load_state_dict: the loaded perm must be a permutation (forward trusts it), and
+    an int8 weight copy is rebuilt from the loaded codes."""
     check_perm(module.perm, module.in_features)
+    if module.qweight_int8 is not None:
+        module.use_int8_operands(True)

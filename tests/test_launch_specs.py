@@ -75,16 +75,18 @@ def test_rotate_launches_only_specs_the_check_compiles(kernel_device, monkeypatc
                                       if k != "BM"))) for p in rq.kernel_specs()}
     for block in (None, 16, 64, 256, 512):
         for group in (None, 64, 256):
-            for bits in (4, 8):
+            for bits, packed in ((4, True), (4, False), (8, True)):
                 before = len(rec.calls)
-                rq.rotate_quantize(x, perm, block, group, bits)
+                rq.rotate_quantize(x, perm, block, group, bits, packed=packed)
                 for args, kwargs in rec.calls[before:]:  # two launches for split spans
                     launched = (args[0].dtype, tuple(sorted((k, v) for k, v in kwargs.items()
                                                             if k not in ("BM", "num_warps"))))
                     assert launched in specs
                     assert _launch_types(rec.kernel, args, rq.ALIGNED) == {
-                        k: v for k, v in rq.signature(args[0].dtype, bits).items()
+                        k: v for k, v in rq.signature(args[0].dtype, kwargs["BITS"]).items()
                         if k.endswith("_ptr")}
+                    if kwargs["PHASE"] != 1:  # phase 1 writes no codes: one spec for all
+                        assert kwargs["QMAX"] == (7 if bits == 4 else 127)
     # 5 rows are one row block: per-token scales and groups of 256 on 64-wide tiles go split
     assert {kwargs["PHASE"] for _, kwargs in rec.calls} == {0, 1, 2}
 

@@ -256,3 +256,48 @@ def test_channel_shift_removes_offsets_and_folds_into_bias(device, gen, bias):
         QuantLinear.from_linear(lin, cfg, channel_shift=torch.full((k,), float("nan")))
     with pytest.raises(ValueError, match="channel_shift must be finite"):
         QuantLinear.from_linear(lin, cfg, channel_shift=torch.zeros(k + 1))
+
+
+@pytest.mark.parametrize("bits, group", [("w4a4", None), ("w4a4", 64), ("w4a8", 128),
+                                         ("w4a8", None), ("w4a4", 256)])
+def test_int8_operands_give_the_packed_result(kernel_device, bits, group, gen):
+    """4-bit codes as int8 operands (the W8A8 GEMM on code · group-integer weights and [-7, 7]
+    activations): the integer sums are exact either way, so the kernels' outputs are equal
+    bit for bit; the PyTorch references agree to float rounding. Not saved; rebuilt on load."""
+    from clq_triton import use_int8_operands
+    from clq_triton.kernels._runtime import backend
+    from helpers import unpack64
+
+    k, n = 256, 80
+    lin = _linear(k, n, gen)
+    x = _activations(45, k, gen).to(torch.bfloat16).to(kernel_device)
+    cfg = QuantConfig.from_bits(bits, group_size=group, hadamard_block=64, a_clip=0.9)
+    q = QuantLinear.from_linear(lin, cfg, perm=torch.randperm(k, generator=gen),
+                                channel_scale=torch.rand(k, generator=gen) + 0.5,
+                                channel_shift=torch.randn(k, generator=gen)).to(kernel_device)
+    with torch.no_grad():
+        packed = q(x)
+        with backend("torch"):
+            packed_ref = q(x)
+        model = nn.Sequential(q, nn.Identity())
+        assert use_int8_operands(model) == 1
+        w8 = q.qweight_int8
+        assert w8.dtype == torch.int8 and w8.shape == (n, k) and w8.device == q.qweight.device
+        z = q.wgroup.long().repeat_interleave(group, 1) if q.wgroup is not None else 1
+        assert torch.equal(w8.cpu().long(), (unpack64(q.qweight.cpu()) * z.cpu() if
+                                             q.wgroup is not None else unpack64(q.qweight.cpu())))
+        y = q(x)
+        with backend("torch"):
+            y_ref = q(x)
+    assert torch.equal(y, packed)
+    torch.testing.assert_close(y_ref, packed_ref, rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    assert rel_err(y_ref.float(), packed_ref.float()) < 1e-3
+    assert "qweight_int8" not in q.state_dict()
+    # loading new codes into a layer in int8 mode rebuilds the copy from them
+    other = QuantLinear.from_linear(_linear(k, n, gen), cfg, perm=torch.arange(k),
+                                    channel_scale=torch.ones(k), channel_shift=torch.zeros(k))
+    q.load_state_dict(other.to(kernel_device).state_dict())
+    assert torch.equal(q.qweight_int8, other.use_int8_operands().qweight_int8)
+    assert q.use_int8_operands(False).qweight_int8 is None
+    w8a8 = QuantLinear.from_linear(lin, QuantConfig.from_bits("w8a8"))
+    assert w8a8.use_int8_operands().qweight_int8 is None  # int8 already

@@ -237,6 +237,31 @@ def test_rotate_quantize_split_spans_equal_one_launch(kernel_device, monkeypatch
                        got[True][1][clean], shift=shift.cpu() if shift is not None else None)
 
 
+@pytest.mark.parametrize("block, group", [(None, None), (64, 64), (128, 256), (512, None)])
+def test_rotate_quantize_unpacked_4bit_codes(kernel_device, block, group, gen):
+    """packed=False: the same 4-bit codes, one int8 each in natural column order (the int8
+    tensor-core operand), from the kernel and from the reference; 8-bit codes ignore it."""
+    x = (torch.randn(21, 512, generator=gen) * 3).to(torch.float16)
+    x[3, 9] = float("nan")
+    perm = torch.randperm(512, generator=gen).to(kernel_device)
+    xd = x.to(kernel_device)
+    q4, s4 = rotate_quantize(xd, perm, block, group, 4, 0.8)
+    q8 = torch.full((21, 512), -99, dtype=torch.int8, device=kernel_device)
+    s8 = torch.full_like(s4, -1.0)
+    rotate_quantize(xd, perm, block, group, 4, 0.8, out=(q8, s8), packed=False)
+    assert torch.equal(q8.cpu().long(), unpack64(q4.cpu())) and q8.abs().max() <= 7
+    torch.testing.assert_close(s8, s4, rtol=0, atol=0, equal_nan=True)
+    with backend("torch"):
+        qr, sr = rotate_quantize(x, perm.cpu(), block, group, 4, 0.8, packed=False)
+    assert qr.dtype == torch.int8 and (qr.long() - q8.cpu().long()).abs().max() <= 1
+    assert torch.equal(rotate_quantize(xd, perm, block, group, 8, packed=False)[0],
+                       rotate_quantize(xd, perm, block, group, 8)[0])
+    with pytest.raises(TypeError, match="packed must be a bool"):
+        rotate_quantize(xd, perm, block, group, 4, packed=0)
+    with pytest.raises(ValueError, match="out\\[0\\]"):
+        rotate_quantize(xd, perm, block, group, 4, out=(q4, s4), packed=False)
+
+
 @pytest.mark.parametrize("block", [None, 64, 512])
 @pytest.mark.parametrize("group", [64, None])
 @pytest.mark.parametrize("use_scale, use_shift", [(True, False), (False, True), (True, True)])

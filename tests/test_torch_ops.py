@@ -23,6 +23,8 @@ def test_rotate_quantize_operator(block, group, bits, gen):
                           (x, perm, shift, cs, block, group, bits, 0.9))
     torch.library.opcheck(torch.ops.clq_triton.rotate_quantize.default,
                           (x.bfloat16(), None, None, None, block, group, bits, 1.0))
+    torch.library.opcheck(torch.ops.clq_triton.rotate_quantize.default,  # int8 operands
+                          (x, perm, None, cs, block, group, bits, 1.0, False))
 
 
 @pytest.mark.parametrize("w_bits, a_bits, group", [(4, 4, 64), (4, 8, None), (8, 8, 128)])
@@ -59,9 +61,15 @@ def test_compile_counts_operators_in_the_graph(gen):
     x = torch.randn(3, 5, 128, generator=gen)
     y = torch.compile(layer, fullgraph=True, backend=backend)(x)
     torch.testing.assert_close(y, layer(x))
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert sum("clq_triton.rotate_quantize" in t for t in targets) == 1
-    assert sum("clq_triton.quant_matmul" in t for t in targets) == 1
+    layer.use_int8_operands()  # the same two operators on the int8 copy
+    torch._dynamo.reset()
+    y8 = torch.compile(layer, fullgraph=True, backend=backend)(x)
+    torch.testing.assert_close(y8, y)
+    for graph in graphs:
+        targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+        assert sum("clq_triton.rotate_quantize" in t for t in targets) == 1
+        assert sum("clq_triton.quant_matmul" in t for t in targets) == 1
+    assert len(graphs) == 2
 
 
 def test_empty_batch_like_nn_linear(gen):

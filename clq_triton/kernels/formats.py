@@ -24,6 +24,12 @@ Scale modes, chosen by ``group_size``:
   (uint8 [N, K / G], in [1, ``GROUP_INT_MAX``]), so ``code · int`` is an int8 value
   (|7 · 16| ≤ 127) computed in registers and the float rescale stays in the epilogue.
   8-bit weights keep one float scale per output channel in both modes.
+
+Int8 operands (``QuantLinear.int8_operands``): GPUs from Hopper on have no int4 tensor-core
+dot, so the packed kernels unpack every loaded tile. Instead, 4-bit codes can be kept one per
+int8 in natural column order: activations quantized to [-7, 7] (``storage_bits(4, packed=
+False)`` = 8) and weights as ``code · int`` (:func:`int8_weight_codes`). The GEMM is then the
+W8A8 kernel with the same exact integer sums and the same float rescales as the packed one.
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ def qmax_for(bits: int) -> int:
     """Largest code magnitude: 7 for 4 bits, 127 for 8 bits."""
     check_bits("bits", bits)
     return 7 if bits == 4 else 127
+
+
+def storage_bits(bits: int, packed: bool = True) -> int:
+    """Bits per stored code: 4 for packed 4-bit codes; 8 for 8-bit codes and for 4-bit codes
+    kept one per int8 (``packed=False``)."""
+    check_bits("bits", bits)
+    return 4 if bits == 4 and packed else 8
 
 
 def code_dtype(bits: int) -> torch.dtype:
@@ -118,3 +131,14 @@ def unpack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 codes [..., K] → stored form (packed for 4 bits)."""
     return pack_int4_ref(codes) if bits == 4 else codes
+
+
+def int8_weight_codes(qweight: torch.Tensor, w_bits: int, wgroup: torch.Tensor | None,
+                      group_size: int | None) -> torch.Tensor:
+    """Stored weight codes as int8 [N, K] in natural column order, with two-level 4-bit
+    weights' per-group integers multiplied in (|code · int| ≤ 7 · GROUP_INT_MAX = 112): the
+    operand of the W8A8 GEMM path, which then needs only the float scale per channel."""
+    codes = unpack_codes(qweight, w_bits)
+    if wgroup is not None:
+        codes = codes * wgroup.to(torch.int8).repeat_interleave(group_size, dim=1)
+    return codes.contiguous()

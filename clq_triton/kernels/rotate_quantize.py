@@ -30,6 +30,7 @@ instead, with the tiles' maxima in a float32 [M, K / T] buffer between them
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Optional
 
@@ -45,7 +46,16 @@ from ._runtime import (
     interpreter_on,
     use_triton,
 )
-from .formats import check_bits, check_k, code_dtype, n_groups, pack_codes, stored_columns
+from .formats import (
+    check_bits,
+    check_k,
+    code_dtype,
+    n_groups,
+    pack_codes,
+    qmax_for,
+    storage_bits,
+    stored_columns,
+)
 from .hadamard import (
     MAX_KERNEL_BLOCK,
     apply_outer_hadamard,
@@ -149,7 +159,7 @@ def _rotate_quantize_kernel(
     M, span, stride_xm, stride_qm, stride_sm, stride_pm, scale_mult, h_norm, n_row_blocks,
     has_perm, has_sh, has_cs,
     BM: tl.constexpr, T: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr,
-    TILE_GROUP: tl.constexpr, BITS: tl.constexpr, PHASE: tl.constexpr,
+    TILE_GROUP: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, PHASE: tl.constexpr,
 ):
     # Program (i, j) handles row blocks i, i + P, i + 2P, … (P programs along axis 0) and
     # column range j.
@@ -160,8 +170,9 @@ def _rotate_quantize_kernel(
     # PHASE 1 writes tile j's max |y| per row into p (float32 [M, K / T]; −1 where the tile
     # holds NaN/Inf); PHASE 2 reduces the maxima of tile j's span, writes the span's scale
     # (from the span's first tile) and tile j's codes.
+    # BITS: how codes are stored (4: packed, 8: one int8 each); QMAX: their range (7 for 4-bit
+    # codes, also when stored as int8 for int8 tensor-core operands; 127 for 8-bit codes).
     HALF: tl.constexpr = T // 2
-    QMAX: tl.constexpr = 7 if BITS == 4 else 127
     hj = tl.arange(0, HALF)
     if ROT > 0:
         h = tl.load(h_ptr + hj[:, None] * HALF + hj[None, :])
@@ -251,10 +262,11 @@ def max_kernel_block(dtype: torch.dtype, prescaled: bool = False) -> int:
 
 
 def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int,
-         prescaled: bool = False, phase: int = 0) -> dict:
+         prescaled: bool = False, phase: int = 0, packed: bool = True) -> dict:
     """The kernel's compile-time arguments and launch settings for one call; ``prescaled``:
     a channel shift or multiplier is applied before the rotation; ``phase``: 0 = one launch,
-    1 / 2 = the two launches of split scale spans (``TILE_GROUP == 0`` only).
+    1 / 2 = the two launches of split scale spans (``TILE_GROUP == 0`` only); ``packed``:
+    4-bit codes packed two per byte, else one int8 each.
 
     Blocks above ``max_kernel_block`` are split: the launcher applies the permutation, the
     channel shift and multiplier and the outer Hadamard factor in PyTorch (float32), the kernel
@@ -271,9 +283,12 @@ def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: in
     if phase and tile_group:
         raise ValueError("phases 1 and 2 are for scale spans wider than the tile")
     bm = 16 if interpreter_on() else {64: 64, 128: 32, 256: 16}[t]
+    if phase == 1:  # writes no codes: one specialization for every code format
+        bits, packed = 4, True
     return {
         "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x3",
-                           TILE_GROUP=tile_group, BITS=bits, PHASE=phase),
+                           TILE_GROUP=tile_group, BITS=storage_bits(bits, packed),
+                           QMAX=qmax_for(bits), PHASE=phase),
         "num_warps": 4, "dtype": dtype, "block": hb,
         "h_block": hb if rot == 1 else hb // 2,
     }
@@ -289,9 +304,9 @@ def kernel_specs():
             for group in (None, 64, 128, 256):
                 for bits in (4, 8):
                     for prescaled in (False, True):
-                        for phase in (0, 1, 2):
+                        for phase, packed in itertools.product((0, 1, 2), (True, False)):
                             try:
-                                p = plan(dtype, block, group, bits, prescaled, phase)
+                                p = plan(dtype, block, group, bits, prescaled, phase, packed)
                             except ValueError:
                                 continue
                             seen.setdefault((p["dtype"], tuple(sorted(p["constexprs"].items())),
@@ -337,7 +352,7 @@ def _split_spans(programs: int, device: torch.device) -> bool:
     return programs < (_sm_count(device) if device.type == "cuda" else 2)
 
 
-def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale):
+def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale, packed):
     m, k = x2.shape
     prescaled = channel_shift is not None or channel_scale is not None
     if block is not None and block > max_kernel_block(x2.dtype, prescaled):
@@ -347,7 +362,7 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
         x2 = apply_outer_hadamard(x2, block, max_kernel_block(torch.float32))
         perm = channel_shift = channel_scale = None
         prescaled = False
-    p = plan(x2.dtype, block, group, bits, prescaled)
+    p = plan(x2.dtype, block, group, bits, prescaled, packed=packed)
     c = p["constexprs"]
     # placeholders of the signature's pointer types (never read: flags / ROT / PHASE say so)
     h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else s
@@ -362,14 +377,17 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
             n_cols = k // span
     grid = (min(n_row_blocks, max(1, _programs_per_column(x2.device) // n_cols)), n_cols)
     for phase in phases:
+        cp = plan(x2.dtype, block, group, bits, prescaled, phase, packed)["constexprs"] \
+            if phase else c
+        qp = q.view(torch.uint8) if phase == 1 else q  # phase 1's (unused) code pointer type
         _rotate_quantize_kernel[grid](
             x2, perm if perm is not None else s.view(torch.int32),
             channel_shift if channel_shift is not None else s,
             channel_scale if channel_scale is not None else s,
-            h, q, s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0), partial.stride(0),
+            h, qp, s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0), partial.stride(0),
             scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
             n_row_blocks, perm is not None, channel_shift is not None, channel_scale is not None,
-            num_warps=p["num_warps"], **dict(c, PHASE=phase),
+            num_warps=p["num_warps"], **cp,
         )
 
 
@@ -391,45 +409,48 @@ def _shift_and_scale(x, channel_shift, channel_scale):
     return x
 
 
-def _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s) -> None:
+def _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s,
+             packed) -> None:
     """Write the codes and scales of x into q and s (validated inputs): the kernel, or the
     PyTorch reference where the kernel does not run (see kernels._runtime)."""
     if not use_triton(x):
         xs = _shift_and_scale(x, channel_shift, channel_scale)
         codes, scales = quantize_ref(rotate_unchecked(xs, perm, block), group_size, bits, clip)
-        q.copy_(pack_codes(codes, bits))
+        q.copy_(pack_codes(codes, storage_bits(bits, packed)))
         s.copy_(scales)
     elif x.shape[0]:
         # the specialization contract (ALIGNED): copies only for odd views
         _launch(aligned(x, rows=True), aligned(perm.to(torch.int32)) if perm is not None else None,
                 block, group_size, bits, clip, q, s, aligned(channel_shift),
-                aligned(channel_scale))
+                aligned(channel_scale), packed)
 
 
-def _output_shapes(x, group_size, bits):
+def _output_shapes(x, group_size, bits, packed):
+    """(codes shape, codes dtype, scales shape)."""
     m, k = x.shape
-    return (m, stored_columns(bits, k)), (m, n_groups(group_size, k))
+    sb = storage_bits(bits, packed)
+    return (m, stored_columns(sb, k)), code_dtype(sb), (m, n_groups(group_size, k))
 
 
 @torch.library.custom_op("clq_triton::rotate_quantize", mutates_args=())
 def rotate_quantize_op(x: torch.Tensor, perm: Optional[torch.Tensor],
                        channel_shift: Optional[torch.Tensor],
                        channel_scale: Optional[torch.Tensor], block: Optional[int],
-                       group_size: Optional[int], bits: int,
-                       clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       group_size: Optional[int], bits: int, clip: float,
+                       packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch operator ``torch.ops.clq_triton.rotate_quantize`` (inputs validated by
     :func:`rotate_quantize`): opaque to torch.compile, capturable in CUDA graphs."""
-    q_shape, s_shape = _output_shapes(x, group_size, bits)
-    q = torch.empty(q_shape, dtype=code_dtype(bits), device=x.device)
+    q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
+    q = torch.empty(q_shape, dtype=q_dtype, device=x.device)
     s = torch.empty(s_shape, dtype=torch.float32, device=x.device)
-    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s)
+    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s, packed)
     return q, s
 
 
 @rotate_quantize_op.register_fake
-def _(x, perm, channel_shift, channel_scale, block, group_size, bits, clip):
-    q_shape, s_shape = _output_shapes(x, group_size, bits)
-    return (x.new_empty(q_shape, dtype=code_dtype(bits)),
+def _(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, packed=True):
+    q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
+    return (x.new_empty(q_shape, dtype=q_dtype),
             x.new_empty(s_shape, dtype=torch.float32))
 
 
@@ -444,6 +465,7 @@ def rotate_quantize(
     channel_scale: torch.Tensor | None = None,
     check_perm_values: bool = True,
     channel_shift: torch.Tensor | None = None,
+    packed: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the rotated activations (x − δ)·D·S·H per token (per group, or per row when
     ``group_size`` is None).
@@ -453,7 +475,8 @@ def rotate_quantize(
     channel_scale: float32 [K], the diagonal D (SmoothQuant-style multiplier), or None.
     channel_shift: float32 [K], δ subtracted per channel before D (in float32), or None.
     Returns (q, scales):
-      q: 4 bits → uint8 [M, K/2], split-halves packing (kernels.formats); 8 bits → int8 [M, K];
+      q: 4 bits → uint8 [M, K/2], split-halves packing (kernels.formats); 8 bits, or 4 bits
+         with ``packed=False`` (codes in [-7, 7], int8 tensor-core operands) → int8 [M, K];
       scales: float32 [M, K/group_size] or [M, 1]; NaN for groups holding NaN/Inf.
     Without ``out`` this calls the operator ``torch.ops.clq_triton.rotate_quantize``;
     ``out`` = preallocated (q, scales) to write into (eager only). ``check_perm_values=False``
@@ -462,6 +485,8 @@ def rotate_quantize(
     """
     check_float("x", x, ndim=2)
     check_bits("bits", bits)
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
     k = x.shape[1]
     check_k(k, group_size)
     check_block(block, k)
@@ -472,10 +497,10 @@ def rotate_quantize(
     scale_multiplier(bits, clip)  # validates clip
     if out is None:
         return torch.ops.clq_triton.rotate_quantize(x, perm, channel_shift, channel_scale, block,
-                                                    group_size, bits, float(clip))
+                                                    group_size, bits, float(clip), packed)
     q, s = out
-    q_shape, s_shape = _output_shapes(x, group_size, bits)
-    check_out("out[0]", q, q_shape, code_dtype(bits), x.device)
+    q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
+    check_out("out[0]", q, q_shape, q_dtype, x.device)
     check_out("out[1]", s, s_shape, torch.float32, x.device)
-    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s)
+    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s, packed)
     return q, s
