@@ -206,10 +206,13 @@ def summary(row) -> dict:
             (("acc", 3), ("shape", 3), ("psnr", 2), ("fd", 3))}
 
 
-def _group_key(r):
+def _group_key(group):
+    """Sort key of a (model, bits, mode) group: model order of MODELS, bits, then per
+    channel, g256, g128, g64."""
+    model, bits, mode = group
     models = list(MODELS)
-    return (models.index(r["model"]) if r["model"] in models else 99, r["bits"],
-            r["mode"] != "per-channel", -int(r["mode"][1:]) if r["mode"][1:].isdigit() else 0)
+    return (models.index(model) if model in models else 99, bits, mode != "per-channel",
+            -int(mode[1:]) if mode[1:].isdigit() else 0)
 
 
 def summary_tables(rows: dict) -> list[str]:
@@ -222,7 +225,7 @@ def summary_tables(rows: dict) -> list[str]:
         if r["method"] != "FP":
             g = (r["model"], r["bits"], r["mode"])
             means.setdefault(g, {})[r["method"]] = r
-    groups = sorted(means, key=lambda g: _group_key(dict(model=g[0], bits=g[1], mode=g[2])))
+    groups = sorted(means, key=_group_key)
     methods = [m for m in VARIANTS if any(m in means[g] for g in groups)]
 
     def stat(r, k):

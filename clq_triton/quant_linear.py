@@ -171,8 +171,7 @@ class QuantLinear(nn.Module):
         weight copy. No effect on W8A8 layers, whose codes are int8 already."""
         cfg = self.config
         if enabled and 4 in (cfg.w_bits, cfg.a_bits):
-            self.qweight_int8 = int8_weight_codes(self.qweight, cfg.w_bits, self.wgroup,
-                                                  cfg.group_size)
+            self.qweight_int8 = int8_weight_codes(self.qweight, cfg.w_bits, self.wgroup)
         else:
             self.qweight_int8 = None
         return self
@@ -223,11 +222,9 @@ def use_int8_operands(model: nn.Module, enabled: bool = True) -> int:
     """:meth:`QuantLinear.use_int8_operands` on every QuantLinear in ``model`` that has a
     4-bit side; returns how many. Call it after the model is on its device and after loading
     (the int8 copies are not saved)."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)
-              and 4 in (m.config.w_bits, m.config.a_bits)]
-    for m in layers:
-        m.use_int8_operands(enabled)
-    return len(layers)
+    layers = [m.use_int8_operands(enabled) for m in model.modules()
+              if isinstance(m, QuantLinear)]
+    return sum(4 in (m.config.w_bits, m.config.a_bits) for m in layers)
 
 
 def _package_version() -> str:

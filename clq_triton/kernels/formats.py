@@ -25,7 +25,7 @@ Scale modes, chosen by ``group_size``:
   (|7 · 16| ≤ 127) computed in registers and the float rescale stays in the epilogue.
   8-bit weights keep one float scale per output channel in both modes.
 
-Int8 operands (``QuantLinear.int8_operands``): GPUs from Hopper on have no int4 tensor-core
+Int8 operands (``QuantLinear.use_int8_operands``): GPUs from Hopper on have no int4 tensor-core
 dot, so the packed kernels unpack every loaded tile. Instead, 4-bit codes can be kept one per
 int8 in natural column order: activations quantized to [-7, 7] (``storage_bits(4, packed=
 False)`` = 8) and weights as ``code · int`` (:func:`int8_weight_codes`). The GEMM is then the
@@ -133,12 +133,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_int4_ref(codes) if bits == 4 else codes
 
 
-def int8_weight_codes(qweight: torch.Tensor, w_bits: int, wgroup: torch.Tensor | None,
-                      group_size: int | None) -> torch.Tensor:
+def int8_weight_codes(qweight: torch.Tensor, w_bits: int,
+                      wgroup: torch.Tensor | None) -> torch.Tensor:
     """Stored weight codes as int8 [N, K] in natural column order, with two-level 4-bit
-    weights' per-group integers multiplied in (|code · int| ≤ 7 · GROUP_INT_MAX = 112): the
-    operand of the W8A8 GEMM path, which then needs only the float scale per channel."""
+    weights' per-group integers (uint8 [N, K / G]) multiplied in (|code · int| ≤ 7 ·
+    GROUP_INT_MAX = 112): the operand of the W8A8 GEMM path, which then needs only the float
+    scale per channel."""
     codes = unpack_codes(qweight, w_bits)
     if wgroup is not None:
-        codes = codes * wgroup.to(torch.int8).repeat_interleave(group_size, dim=1)
+        group = codes.shape[-1] // wgroup.shape[-1]
+        codes = codes * wgroup.to(torch.int8).repeat_interleave(group, dim=-1)
     return codes.contiguous()
