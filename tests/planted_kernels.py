@@ -35,3 +35,14 @@ def finite_by_subtraction(x_ptr, c, out_ptr, SAFE: tl.constexpr):
     else:
         finite = (y - y) == 0
     tl.store(out_ptr + r, finite.to(tl.int8))
+
+
+@triton.jit
+def row_softmax(x_ptr, out_ptr, N: tl.constexpr):
+    """Softmax of a [64, N] tile: the whole tile stays live across the row max and sum, so
+    with one warp N = 256 needs 512 values per thread and must spill; N = 16 fits."""
+    r = tl.arange(0, 64)
+    c = tl.arange(0, N)
+    x = tl.load(x_ptr + r[:, None] * N + c[None, :])
+    e = tl.exp(x - tl.max(x, axis=1)[:, None])
+    tl.store(out_ptr + r[:, None] * N + c[None, :], e / tl.sum(e, axis=1)[:, None])

@@ -118,3 +118,20 @@ def test_self_cancelling_fma_detector_on_ptx_text():
     fma.rn.f32 %r10, %r1, %r2, %r9;
     """
     assert self_cancelling_fmas(ptx) == 1
+
+
+def _softmax_job(n):
+    return Job("planted_kernels:row_softmax", 90,
+               tuple(sorted({"x_ptr": "*fp32", "out_ptr": "*fp32"}.items())), (("N", n),), 1, 1,
+               "planted")
+
+
+def test_registers_report_spills_of_a_tile_too_big_for_one_warp():
+    """--registers runs the ptxas that triton bundles: a [64, 256] fp32 tile held by one warp
+    (512 values per thread) spills; [64, 16] does not. The rotation kernel's specialization
+    used by CLQ's layers reports its tensor-core instructions."""
+    small, big = run_jobs([_softmax_job(16), _softmax_job(256)], registers=True)
+    assert small.ok and small.spill_bytes == 0 and 0 < small.registers <= 255
+    assert big.ok and big.spill_bytes > 0 and big.registers <= 255
+    assert small.mma == big.mma == 0
+

@@ -16,6 +16,10 @@ ptxas, and checks each result:
 
 Used by ``tests/test_compile.py``; also a command:
 ``python -m clq_triton.kernels.compile_check [--arch 90] [--jobs 2]`` prints every result.
+``--registers`` also assembles each PTX with the ptxas that triton bundles for the target and
+reports its registers per thread, spill bytes and tensor-core (``mma``/``wgmma``) instruction
+count: a spill or 255 registers caps how many warps an SM keeps in flight, which the
+interpreter cannot show either (not part of the tests: ptxas takes a while per kernel).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from multiprocessing import get_context
 
 WGMMA_S8 = re.compile(r"wgmma\.mma_async[.\w]*\.s8\.s8")
 MMA_S8 = re.compile(r"mma\.sync\.aligned[.\w]*\.s8\.s8")
+_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\b")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTX_OP = re.compile(r"^\s*(mul|neg|fma)\.(?:rn\.)?f32\s+(%\w+),\s*([^;]+);", re.M)
 
 
@@ -77,6 +84,9 @@ class Result:
     self_cancelling_fma: int = 0
     error: str = ""
     seconds: float = 0.0
+    registers: int | None = None  # with ptxas (--registers) only
+    spill_bytes: int | None = None  # spill stores + loads
+    mma: int | None = None  # tensor-core instructions in the PTX
 
     def problem(self) -> str:
         """'' when the job passed, else why it did not."""
@@ -113,8 +123,31 @@ def _kernel(name: str):
     return getattr(mod, fn), getattr(mod, "ALIGNED", ())
 
 
-def compile_job(job: Job) -> Result:
-    """Compile one specialization (no GPU needed) and check it."""
+def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) from ``ptxas -v`` of the ptxas triton uses for
+    ``arch`` (bundled with triton; no GPU needed)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        r = subprocess.run([get_ptxas(arch).path, f"--gpu-name={gpu}", "-v", src,
+                            "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    regs, spills = _PTXAS_REGS.search(out), _PTXAS_SPILLS.search(out)
+    if r.returncode or not regs or not spills:
+        raise RuntimeError(f"ptxas failed: {' '.join(out.split())[-300:]}")
+    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
+def compile_job(job: Job, registers: bool = False) -> Result:
+    """Compile one specialization (no GPU needed) and check it; ``registers``: also run
+    ptxas (:func:`ptxas_report`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -141,9 +174,16 @@ def compile_job(job: Job) -> Result:
     if job.kernel == "gemm":
         pattern = WGMMA_S8 if job.arch >= 90 else MMA_S8
         int8 = bool(pattern.search(k.asm["ptx"]))
-    return Result(job, True, shared=k.metadata.shared, limit=limit, int8_mma=int8,
-                  self_cancelling_fma=self_cancelling_fmas(k.asm["ptx"]),
-                  seconds=time.perf_counter() - t0)
+    res = Result(job, True, shared=k.metadata.shared, limit=limit, int8_mma=int8,
+                 self_cancelling_fma=self_cancelling_fmas(k.asm["ptx"]),
+                 mma=len(_MMA.findall(k.asm["ptx"])))
+    if registers:
+        try:
+            res.registers, res.spill_bytes = ptxas_report(k.asm["ptx"], job.arch)
+        except RuntimeError as e:
+            res.ok, res.error = False, str(e)
+    res.seconds = time.perf_counter() - t0
+    return res
 
 
 def all_jobs(archs=None) -> list[Job]:
@@ -174,7 +214,8 @@ def all_jobs(archs=None) -> list[Job]:
     return list(dict.fromkeys(jobs))  # distinct, in order
 
 
-def run_jobs(jobs: list[Job], processes: int | None = None, progress=None) -> list[Result]:
+def run_jobs(jobs: list[Job], processes: int | None = None, progress=None,
+             registers: bool = False) -> list[Result]:
     """Compile ``jobs`` in fresh worker processes (each compile is single-threaded).
 
     Workers are spawned with TRITON_INTERPRET=0, so this works from a process whose kernels
@@ -186,7 +227,7 @@ def run_jobs(jobs: list[Job], processes: int | None = None, progress=None) -> li
     out = []
     try:
         with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-            for r in pool.map(compile_job, jobs, chunksize=4):
+            for r in pool.map(compile_job, jobs, [registers] * len(jobs), chunksize=4):
                 out.append(r)
                 if progress:
                     progress(r)
@@ -203,6 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, action="append", help="80, 89 or 90 (default: all)")
     ap.add_argument("--jobs", type=int, default=None, help="parallel processes")
     ap.add_argument("--kernel", choices=("gemm", "rotate_quantize"))
+    ap.add_argument("--registers", action="store_true",
+                    help="also run ptxas: registers, spill bytes, tensor-core instructions")
     args = ap.parse_args(argv)
     jobs = [j for j in all_jobs(args.arch) if args.kernel in (None, j.kernel)]
     import triton
@@ -215,11 +258,16 @@ def main(argv=None) -> int:
         nonlocal bad
         p = r.problem()
         bad += bool(p)
-        print(f"{'FAIL' if p else 'ok  '} {r.shared:>7} B {r.seconds:5.1f}s {r.job.label()}"
-              + (f"\n     {p}" if p else ""), flush=True)
+        regs = (f" {r.registers:>3} regs {r.spill_bytes:>4} B spilled {r.mma:>4} mma"
+                if r.registers is not None else "")
+        print(f"{'FAIL' if p else 'ok  '} {r.shared:>7} B{regs} {r.seconds:5.1f}s "
+              f"{r.job.label()}" + (f"\n     {p}" if p else ""), flush=True)
 
-    results = run_jobs(jobs, args.jobs, show)
-    print(f"{len(results) - bad} ok, {bad} failed, {time.perf_counter() - t0:.0f} s")
+    results = run_jobs(jobs, args.jobs, show, args.registers)
+    spilling = sum(1 for r in results if r.spill_bytes)
+    print(f"{len(results) - bad} ok, {bad} failed"
+          + (f", {spilling} spill registers" if args.registers else "")
+          + f", {time.perf_counter() - t0:.0f} s")
     return 1 if bad else 0
 
 
