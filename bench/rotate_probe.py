@@ -2,7 +2,9 @@
 mode, tile rows (BM), warps, persistent programs per column (in waves of the GPU's SMs) and,
 for per-token scales, one launch per span or two per tile (``_split_spans``): the time on a
 PixArt-sized input and the share of packed bytes equal to the PyTorch reference's on a small
-one. Also the dot precision for block 128 (fp32 / shifted input).
+one. Also the dot precision for block 128, and the path of CLQ's layers ("obs": a channel
+shift and multiplier before the rotation, so the dots take float32 values: "tf32x2", the
+shipped split into two tf32 parts, vs triton's tf32x3 and ieee).
 
     python bench/rotate_probe.py [bf16|fp32]     # on a CUDA machine; one JSON line per setting
     python bench/rotate_probe.py --summary probe.jsonl   # per (block, group): shipped vs best
@@ -56,17 +58,21 @@ def programs_per_column(device):
 
 
 def settings(xdt):
-    """(block, group, BM, warps, waves, precision, split): the shipped plan (None = as shipped)
-    and a grid around it; the dot precision only for block 128; per-token scales (group None)
-    also with one launch per span and with two per tile."""
+    """(block, group, BM, warps, waves, precision, split, obs): the shipped plan (None = as
+    shipped) and a grid around it; the dot precision only for block 128; per-token scales
+    (group None) also with one launch per span and with two per tile; with ``obs`` a channel
+    shift and multiplier first (CLQ's layers), shipped and per dot precision."""
     out = []
     for block, group in itertools.product((None, 64, 128), (None, 64)):
-        out.append((block, group, None, None, None, None, None))
+        out.append((block, group, None, None, None, None, None, False))
         splits = (False, True) if group is None else (None,)
-        out += [(block, group, bm, w, waves, None, sp) for bm in (16, 32, 64, 128)
+        out += [(block, group, bm, w, waves, None, sp, False) for bm in (16, 32, 64, 128)
                 for w in (4, 8) for waves in (2, 4, 8) for sp in splits]
-    precs = ("tf32", "tf32x3", "ieee") if xdt != torch.float32 else ("tf32x3", "ieee")
-    out += [(128, 64, None, None, None, p, None) for p in precs]
+    precs = ("tf32", "tf32x3", "ieee") if xdt != torch.float32 else ("tf32x2", "tf32x3", "ieee")
+    out += [(128, 64, None, None, None, p, None, False) for p in precs]
+    for block, group in itertools.product((64, 128), (None, 64)):
+        out += [(block, group, None, None, None, p, None, True)
+                for p in (None, "tf32x3", "ieee")]
     return out
 
 
@@ -82,9 +88,18 @@ def main(dtype_name="bf16"):
     x[:, 5] *= 40
     x = x.to(xdt).to(dev)
     perm = torch.randperm(k, generator=g).to(dev)
+
+    def obs_vectors(n, device):
+        """A channel shift and multiplier as OBS makes them (float32 [n])."""
+        gv = torch.Generator().manual_seed(1)
+        return ((torch.randn(n, generator=gv) * 3).to(device),
+                (torch.rand(n, generator=gv) * 4 + 0.25).to(device))
+
+    sh, cs = obs_vectors(k, dev)
     # timing shape: PixArt's FFN input (4096 tokens × 4608), with an outlier-score permutation
     xt = torch.randn(4096, 4608, device=dev, dtype=xdt) if dev == "cuda" else None
     pt = torch.randperm(4608, device=dev) if dev == "cuda" else None
+    sht, cst = obs_vectors(4608, dev) if dev == "cuda" else (None, None)
     if dev == "cuda":
         from triton.testing import do_bench
 
@@ -93,43 +108,49 @@ def main(dtype_name="bf16"):
                               gather_ms=do_bench(lambda: torch.index_select(xt, 1, pt)))),
               flush=True)
     refs = {}
-    for block, group, bm, warps, waves, prec, split in settings(xdt):
-        if (block, group) not in refs:
+    for block, group, bm, warps, waves, prec, split, obs in settings(xdt):
+        vec = dict(channel_shift=sh, channel_scale=cs) if obs else {}
+        vect = dict(channel_shift=sht, channel_scale=cst) if obs else {}
+        if (block, group, obs) not in refs:
             with backend("torch"):
-                refs[block, group] = rq.rotate_quantize(x, perm, block, group, 4)
-        qr, sr = refs[block, group]
+                refs[block, group, obs] = rq.rotate_quantize(x, perm, block, group, 4, **vec)
+        qr, sr = refs[block, group, obs]
         OVERRIDE.clear()
         OVERRIDE.update({key: v for key, v in (("BM", bm), ("num_warps", warps),
                                                ("waves", waves), ("PREC", prec)) if v})
         if split is not None:
             OVERRIDE["split"] = split
-        row = dict(dtype=dtype_name, block=block, group=group, BM=bm, warps=warps, waves=waves,
-                   prec=prec, split=split)
+        row = dict(dtype=dtype_name, block=block, group=group, obs=obs, BM=bm, warps=warps,
+                   waves=waves, prec=prec, split=split)
         try:
-            q, s = rq.rotate_quantize(x, perm, block, group, 4)
+            q, s = rq.rotate_quantize(x, perm, block, group, 4, **vec)
             row["bytes_equal"] = round((q == qr).float().mean().item(), 5)
             row["scale_nan_mismatch"] = int((s.isnan() != sr.isnan()).sum())
             if dev == "cuda":
                 row["ms_4096x4608"] = do_bench(lambda: rq.rotate_quantize(
-                    xt, pt, block, group, 4, check_perm_values=False))
+                    xt, pt, block, group, 4, check_perm_values=False, **vect))
         except Exception as e:  # noqa: BLE001 - a setting that fails is a result
             row["error"] = repr(e)[:200]
         print(json.dumps(row), flush=True)
 
 
 def summary(lines) -> list[str]:
-    """Markdown: per (dtype, block, group), the shipped setting's time, the fastest correct
+    """Markdown: per (dtype, block, group, obs), the shipped setting's time, the fastest correct
     setting (≥ 99.9 % of bytes equal to the reference, no NaN mismatch) and, for per-token
     scales, the fastest with one launch per span and with two per tile."""
     rows = [json.loads(ln) for ln in lines if ln.startswith("{") and '"block"' in ln]
     ok = [r for r in rows if "ms_4096x4608" in r and r.get("bytes_equal", 0) >= 0.999
           and not r.get("scale_nan_mismatch")]
-    out = ["| dtype | block | group | shipped ms | best ms | best setting | one launch | two |",
-           "|---|---|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["dtype"], r["block"], r["group"]) for r in rows))
+    out = ["| dtype | block | group | obs | shipped ms | best ms | best setting | one launch "
+           "| two |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def key_of(r):
+        return r["dtype"], r["block"], r["group"], r.get("obs", False)
+
+    keys = list(dict.fromkeys(key_of(r) for r in rows))
     settings_of = ("BM", "warps", "waves", "prec", "split")
     for key in keys:
-        mine = [r for r in ok if (r["dtype"], r["block"], r["group"]) == key]
+        mine = [r for r in ok if key_of(r) == key]
         shipped = [r for r in mine if all(r.get(k) is None for k in settings_of)]
         best = min(mine, key=lambda r: r["ms_4096x4608"], default=None)
 

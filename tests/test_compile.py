@@ -135,3 +135,21 @@ def test_registers_report_spills_of_a_tile_too_big_for_one_warp():
     assert big.ok and big.spill_bytes > 0 and big.registers <= 255
     assert small.mma == big.mma == 0
 
+
+def test_rotation_of_float32_values_takes_two_tf32_dots_not_three():
+    """CLQ's layers shift and scale channels before the rotation, so the dots see float32
+    values: the kernel splits them into two tf32 parts ("tf32x2"), twice the tensor-core
+    instructions of plain tf32 — triton's tf32x3 took three times, the third against the
+    zero low part of the ±1 Hadamard tile."""
+    import clq_triton.kernels.rotate_quantize as rq
+
+    def job(prescaled, prec=None):
+        c = dict(rq.plan(torch.bfloat16, 128, 64, 4, prescaled)["constexprs"], BM=32)
+        if prec:
+            c["PREC"] = prec
+        return Job("rotate_quantize", 90, tuple(sorted(rq.signature(torch.bfloat16, 4).items())),
+                   tuple(sorted(c.items())), 4, 1, "launcher")
+
+    plain, split, x3 = run_jobs([job(False), job(True), job(True, "tf32x3")])
+    assert dict(split.job.constexprs)["PREC"] == "tf32x2"
+    assert plain.mma > 0 and split.mma == 2 * plain.mma and x3.mma == 3 * plain.mma

@@ -51,15 +51,22 @@ def test_rotate_probe_runs_and_summarizes(kernel_device, monkeypatch, capsys):
     monkeypatch.setattr(rq, "_programs_per_column", rq._programs_per_column)
     full = rotate_probe.settings(torch.bfloat16)
     subset = [s for s in full if s[:2] == (64, None) and s[2] in (None, 32) and s[3] in (None, 4)
-              and s[4] in (None, 2)] + [s for s in full if s[5]]
+              and s[4] in (None, 2) and not s[7]] + [s for s in full if s[5] and not s[7]]
+    obs = [s for s in full if s[7] and s[:2] == (64, 64)]  # shift + multiplier: each precision
+    assert [s[5] for s in obs] == [None, "tf32x3", "ieee"]
+    subset += obs
     monkeypatch.setattr(rotate_probe, "settings", lambda xdt: subset)
     rotate_probe.main("bf16")
     rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert len(rows) == len(subset) and {r["split"] for r in rows} == {None, False, True}
+    assert [r["obs"] for r in rows].count(True) == 3
     assert all(r["bytes_equal"] == 1.0 and r["scale_nan_mismatch"] == 0 for r in rows), rows
-    timed = [dict(r, ms_4096x4608=t) for r, t in zip(rows, (0.3, 0.2, 0.1, 0.05, 0.4, 0.5))]
+    timed = [dict(r, ms_4096x4608=t)
+             for r, t in zip(rows, (0.3, 0.2, 0.1, 0.05, 0.4, 0.5, 0.7, 0.6, 0.9))]
     timed[3]["bytes_equal"] = 0.5  # fastest, but wrong: not picked
     table = rotate_probe.summary([json.dumps(r) for r in timed])
-    line = next(t for t in table if t.startswith("| bf16 | 64 | None |"))
+    line = next(t for t in table if t.startswith("| bf16 | 64 | None | False |"))
     assert "| 0.300 | 0.100 | BM=32, warps=4, waves=2, split=True | 0.200 | 0.100 |" in line
+    line = next(t for t in table if t.startswith("| bf16 | 64 | 64 | True |"))
+    assert "| 0.700 | 0.600 | prec=tf32x3 |" in line
     assert table[-1].endswith("1 failed or wrong")

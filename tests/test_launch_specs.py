@@ -96,22 +96,28 @@ def test_rotate_uses_exact_dots_for_shifted_or_scaled_inputs(kernel_device, monk
                                                               gen):
     """fp16/bf16 values are exact in tf32, so their Hadamard dots run in plain tf32; after a
     float32 channel shift or multiplier they are not (plain tf32 cost 5e-4 relative error on
-    an H100, which the interpreter's float32 dots do not show): those launches use tf32x3."""
+    an H100, which the interpreter's float32 dots do not show): those launches split the
+    values into two tf32 parts ("tf32x2"), also at block 256, in the kernel."""
     import clq_triton.kernels.rotate_quantize as rq
 
     rec = _Recorder(rq._rotate_quantize_kernel)
     monkeypatch.setattr(rq, "_rotate_quantize_kernel", rec)
     x = torch.randn(5, 256, generator=gen).to(dtype).to(kernel_device)
     vec = (torch.rand(256, generator=gen) + 0.5).to(kernel_device)
-    for shift, scale, prec in ((None, None, "tf32"), (vec, None, "tf32x3"),
-                               (None, vec, "tf32x3"), (vec, vec, "tf32x3")):
+    for shift, scale, prec in ((None, None, "tf32"), (vec, None, "tf32x2"),
+                               (None, vec, "tf32x2"), (vec, vec, "tf32x2")):
         rq.rotate_quantize(x, None, 64, 64, 4, channel_shift=shift, channel_scale=scale)
         assert rec.calls[-1][1]["PREC"] == prec
-    # tf32x3 at block 256 needs more shared memory than sm_89 has: the launcher applies the
-    # shift and the outer Hadamard factor in PyTorch and the kernel the inner 128 (fp32 input)
+    # block 256 stays in the kernel (81920 B of shared memory, like plain tf32: compile check)
     rq.rotate_quantize(x, None, 256, 64, 4, channel_shift=vec)
     args, kwargs = rec.calls[-1]
-    assert args[0].dtype == torch.float32 and kwargs["T"] == 128 and kwargs["PREC"] == "tf32x3"
+    assert args[0].dtype == dtype and kwargs["T"] == 256 and kwargs["PREC"] == "tf32x2"
+    # blocks above 256: the launcher applies the shift and the outer Hadamard factor in
+    # PyTorch (float32) and the kernel the inner 256
+    rq.rotate_quantize(x[:, :256].repeat(1, 2), None, 512, 64, 4,
+                       channel_shift=torch.cat([vec, vec]))
+    args, kwargs = rec.calls[-1]
+    assert args[0].dtype == torch.float32 and kwargs["T"] == 256 and kwargs["PREC"] == "tf32x2"
     specs = {tuple(sorted((k, v) for k, v in p["constexprs"].items() if k != "BM"))
              for p in rq.kernel_specs() if p["dtype"] == dtype}
     for _, kwargs in rec.calls:  # and the compile tests compile both precisions

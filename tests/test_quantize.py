@@ -1,10 +1,12 @@
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from clq_triton.kernels._runtime import backend
 from clq_triton.kernels.hadamard import rotate_ref
 from clq_triton.kernels.quantize import dequantize_weight_ref, quantize_ref, quantize_weight_ref
-from clq_triton.kernels.rotate_quantize import rotate_quantize
+from clq_triton.kernels.rotate_quantize import _tf32_split, rotate_quantize
 from helpers import dequant64, explicit_rotation, unpack64
 
 # ---------------------------------------------------------------- quantizers (reference)
@@ -279,6 +281,46 @@ def test_rotate_quantize_channel_shift_and_scale(kernel_device, block, group, us
                     channel_scale=cs.to(kernel_device) if use_scale else None,
                     channel_shift=shift.to(kernel_device) if use_shift else None)
     _check_against_ref(x, perm, block, group, 4, 1.0, q, s, cs, shift)
+
+
+@triton.jit
+def _tf32_split_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    hi, lo = _tf32_split(tl.load(x_ptr + i))
+    tl.store(hi_ptr + i, hi)
+    tl.store(lo_ptr + i, lo)
+
+
+def test_tf32_split_parts_are_exact_and_tf32(kernel_device, gen):
+    """The two tf32 parts of a float32 value, as the rotation's "tf32x2" dots use them: hi has
+    no bits below tf32's 10-bit mantissa (so the tensor core takes it whole), hi + lo == x
+    exactly, and with lo truncated to tf32 as the tensor core may do, the sum is within 2⁻²¹
+    of x. Ties round away from zero."""
+    n = 1024
+    mant = torch.randint(0, 1 << 23, (n,), generator=gen, dtype=torch.int64)
+    mant[:64] = (mant[:64] & ~0x1FFF) | 0x1000  # exact ties
+    mant[64:96] = (1 << 23) - 1  # all-ones mantissa: rounding carries into the exponent
+    # exponents that keep lo normal (a subnormal lo loses bits to tf32 truncation)
+    expo = torch.randint(30, 254, (n,), generator=gen, dtype=torch.int64)
+    expo[64:96] = torch.randint(30, 200, (32,), generator=gen)
+    sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64) << 31
+    bits = (sign | (expo << 23) | mant)
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)
+    x = bits.view(torch.float32)
+    x[-4:] = torch.tensor([0.0, -0.0, 1.0, -3.0])
+    x = x.to(kernel_device)
+    hi = torch.full_like(x, float("nan"))
+    lo = torch.full_like(x, float("nan"))
+    _tf32_split_kernel[(1,)](x, hi, lo, N=n)
+    x, hi, lo = x.cpu(), hi.cpu(), lo.cpu()
+    assert (hi.view(torch.int32) & 0x1FFF).eq(0).all()
+    assert torch.equal(hi.double() + lo.double(), x.double())
+    assert (lo.abs() <= x.abs() * 2.0 ** -11).all()
+    lo_tf32 = (lo.view(torch.int32) & -0x2000).view(torch.float32)
+    assert ((hi.double() + lo_tf32.double() - x.double()).abs()
+            <= x.double().abs() * 2.0 ** -21).all()
+    ties = x[:64].double()
+    assert (hi[:64].double().abs() > ties.abs()).all()  # away from zero
 
 
 @pytest.mark.parametrize(

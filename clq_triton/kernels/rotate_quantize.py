@@ -15,9 +15,10 @@ columns by bit 5 splits the block-diagonal Sylvester Hadamard H too:
   the size), y_lo = P + Q and y_hi = P − Q.
 H' / H'' is a ±1 float32 tile held once in global memory (``_hadamard_tile``), loaded once
 per program and applied with tensor-core dots: tf32 for plain fp16/bf16 inputs (their values
-are exact in tf32, the ±1 entries too, accumulation is fp32), tf32x3 for fp32 inputs and for
-inputs shifted or scaled per channel first (those float32 values are not exact in tf32: plain
-tf32 cost 5e-4 relative error on an H100). Programs
+are exact in tf32, the ±1 entries too, accumulation is fp32). fp32 inputs and inputs shifted or
+scaled per channel first are not exact in tf32 (plain tf32 cost 5e-4 relative error on an
+H100); they are split into a tf32 part and the exact remainder, two tf32 dots (``_dot_pm1``:
+tf32x3's result without its third dot, which is 0 against ±1 entries). Programs
 are persistent over row blocks. Groups that fit in a tile are quantized from registers;
 larger scale spans (a group of 256 with a smaller tile, or the whole row with
 ``group_size=None``) take two passes over the span's tiles, reading x twice: the span's max
@@ -68,6 +69,29 @@ from .quantize import quantize_ref, scale_multiplier
 
 
 @triton.jit
+def _tf32_split(x):
+    """(hi, lo) with hi = x rounded to tf32 (10 mantissa bits, to nearest, ties away from 0)
+    and lo = x − hi, exact in float32, |lo| ≤ 2⁻¹¹·|x|."""
+    bits = x.to(tl.int32, bitcast=True)
+    hi = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _dot_pm1(x, h, PREC: tl.constexpr):
+    """x·h, float32 [BM, HALF], for a ±1 tile h. PREC "tf32": x is exact in tf32 (fp16/bf16
+    values), one dot. "tf32x2": x = hi + lo (``_tf32_split``), lo·h + hi·h: the tf32x3
+    products minus x·(h − tf32(h)) = 0, error ≤ 2⁻²¹·|x| per term from lo's tf32 rounding.
+    Any other value is passed to ``tl.dot`` as its input_precision (the probe's "tf32x3",
+    "ieee")."""
+    if PREC == "tf32x2":
+        hi, lo = _tf32_split(x)
+        return tl.dot(hi, h, tl.dot(lo, h, input_precision="tf32"), input_precision="tf32")
+    else:
+        return tl.dot(x, h, input_precision=PREC)
+
+
+@triton.jit
 def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_norm,
                     has_perm, has_sh, has_cs, HALF: tl.constexpr, ROT: tl.constexpr,
                     PREC: tl.constexpr):
@@ -90,11 +114,11 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
         x_lo = x_lo * tl.load(cs_ptr + src_lo)[None, :]
         x_hi = x_hi * tl.load(cs_ptr + src_hi)[None, :]
     if ROT == 1:
-        x_lo = tl.dot(x_lo, h, input_precision=PREC) * h_norm
-        x_hi = tl.dot(x_hi, h, input_precision=PREC) * h_norm
+        x_lo = _dot_pm1(x_lo, h, PREC) * h_norm
+        x_hi = _dot_pm1(x_hi, h, PREC) * h_norm
     elif ROT == 2:
-        p = tl.dot(x_lo, h, input_precision=PREC)
-        q = tl.dot(x_hi, h, input_precision=PREC)
+        p = _dot_pm1(x_lo, h, PREC)
+        q = _dot_pm1(x_hi, h, PREC)
         x_lo = (p + q) * h_norm
         x_hi = (p - q) * h_norm
     return x_lo, x_hi
@@ -254,13 +278,6 @@ def _rotate_quantize_kernel(
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def max_kernel_block(dtype: torch.dtype, prescaled: bool = False) -> int:
-    """Largest Hadamard block the kernel applies itself: 256 for plain fp16/bf16 input; 128
-    where the dots are tf32x3 (fp32 input, or a channel shift / multiplier first), which at
-    256 would need more shared memory than sm_86/sm_89 have (147456 B > 101376 B)."""
-    return 128 if dtype == torch.float32 or prescaled else MAX_KERNEL_BLOCK
-
-
 def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int,
          prescaled: bool = False, phase: int = 0, packed: bool = True) -> dict:
     """The kernel's compile-time arguments and launch settings for one call; ``prescaled``:
@@ -268,12 +285,12 @@ def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: in
     1 / 2 = the two launches of split scale spans (``TILE_GROUP == 0`` only); ``packed``:
     4-bit codes packed two per byte, else one int8 each.
 
-    Blocks above ``max_kernel_block`` are split: the launcher applies the permutation, the
+    Blocks above ``MAX_KERNEL_BLOCK`` (256) are split: the launcher applies the permutation, the
     channel shift and multiplier and the outer Hadamard factor in PyTorch (float32), the kernel
     the inner one. The compile tests enumerate the same function (:func:`kernel_specs`)."""
-    if block is not None and block > max_kernel_block(dtype, prescaled):
+    if block is not None and block > MAX_KERNEL_BLOCK:
         dtype = torch.float32
-        block = max_kernel_block(dtype)
+        block = MAX_KERNEL_BLOCK
         prescaled = False  # done by the launcher
     exact_tf32 = dtype != torch.float32 and not prescaled
     hb = block or 0
@@ -286,7 +303,7 @@ def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: in
     if phase == 1:  # writes no codes: one specialization for every code format
         bits, packed = 4, True
     return {
-        "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x3",
+        "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x2",
                            TILE_GROUP=tile_group, BITS=storage_bits(bits, packed),
                            QMAX=qmax_for(bits), PHASE=phase),
         "num_warps": 4, "dtype": dtype, "block": hb,
@@ -355,11 +372,11 @@ def _split_spans(programs: int, device: torch.device) -> bool:
 def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale, packed):
     m, k = x2.shape
     prescaled = channel_shift is not None or channel_scale is not None
-    if block is not None and block > max_kernel_block(x2.dtype, prescaled):
+    if block is not None and block > MAX_KERNEL_BLOCK:
         x2 = _shift_and_scale(x2, channel_shift, channel_scale)
         if perm is not None:
             x2 = x2[:, perm.long()]
-        x2 = apply_outer_hadamard(x2, block, max_kernel_block(torch.float32))
+        x2 = apply_outer_hadamard(x2, block, MAX_KERNEL_BLOCK)
         perm = channel_shift = channel_scale = None
         prescaled = False
     p = plan(x2.dtype, block, group, bits, prescaled, packed=packed)
