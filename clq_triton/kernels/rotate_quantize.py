@@ -302,9 +302,11 @@ def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: in
     bm = 16 if interpreter_on() else {64: 64, 128: 32, 256: 16}[t]
     if phase == 1:  # writes no codes: one specialization for every code format
         bits, packed = 4, True
-    # Two dots per half on a 256-wide tile: 255 registers and 164-260 B spilled per thread
-    # with 4 warps, 128 and 32-40 B with 8 (ptxas of triton 3.6, sm_80/89/90).
-    warps = 8 if t == 256 and not exact_tf32 else 4
+    # 8 warps where float32 values take two dots per half on wide tiles: at T = 256, ptxas
+    # (triton 3.6, sm_80/89/90) spilled 164-260 B per thread with 4 warps, 24-40 with 8; the
+    # per-token path at T = 128 spilled 16 B on sm_80 with 4, none with 8, and with tf32x3
+    # ran 1.0-1.6x faster (BM 64-16) with 8 warps on an H100 (bench/results/gpu-2026-11-27/).
+    warps = 8 if not exact_tf32 and (t == 256 or (t == 128 and tile_group == 0)) else 4
     return {
         "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x2",
                            TILE_GROUP=tile_group, BITS=storage_bits(bits, packed),
