@@ -151,7 +151,7 @@ def main(argv=None):
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
 
-    from clq_triton import QuantConfig, QuantLinear, patch, use_int8_operands
+    from clq_triton import QuantConfig, QuantLinear, eligible_linears, patch, use_int8_operands
     from clq_triton.kernels import tuning
     from clq_triton.kernels._runtime import backend
     from clq_triton.kernels.gemm import quant_matmul
@@ -352,6 +352,33 @@ def main(argv=None):
             r["x_fp"] = round(row["ms"] / r["ms"], 3)
             r["rel_err_vs_fp"] = float((out - ref).norm() / ref.norm())
             r["weight_ratio"] = round(report.weight_ratio, 4)
+            log(section="pixart", **r)
+            del q
+
+        def obs_shaped(config):
+            """A copy of fp whose block Linears are shaped like CLQ's: a permutation, a channel
+            multiplier and a shift before the rotation, so the rotation's dots take float32
+            values (random transforms: time and memory; the error is not CLQ's)."""
+            q = copy.deepcopy(fp)
+            g = torch.Generator().manual_seed(0)
+            for name, lin in eligible_linears(q):
+                k = lin.in_features
+                if k % (config.group_size or 64):  # patch() leaves these in full precision
+                    continue
+                q.set_submodule(name, QuantLinear.from_linear(
+                    lin, config, perm=torch.randperm(k, generator=g).to(dev),
+                    channel_scale=(torch.rand(k, generator=g) + 0.5).to(dev),
+                    channel_shift=(torch.randn(k, generator=g) * 0.1).to(dev)))
+            return q
+
+        for group, int8 in ((None, False), (None, True), (128, False)):
+            q = obs_shaped(QuantConfig.from_bits("w4a4", group_size=group))
+            if int8:
+                use_int8_operands(q)
+            out, r = measure(q, f"w4a4-{'g%d' % group if group else 'pc'}-obs"
+                             + ("-int8" if int8 else ""))
+            r["x_fp"] = round(row["ms"] / r["ms"], 3)
+            r["rel_err_vs_fp"] = float((out - ref).norm() / ref.norm())
             log(section="pixart", **r)
             del q
 

@@ -61,21 +61,22 @@ def settings(xdt):
     """(block, group, BM, warps, waves, precision, split, obs): the shipped plan (None = as
     shipped) and a grid around it; the dot precision only for block 128; per-token scales
     (group None) also with one launch per span and with two per tile; with ``obs`` a channel
-    shift and multiplier first (CLQ's layers), shipped and per dot precision."""
-    out = []
-    for block, group in itertools.product((None, 64, 128), (None, 64)):
-        out.append((block, group, None, None, None, None, None, False))
-        splits = (False, True) if group is None else (None,)
-        out += [(block, group, bm, w, waves, None, sp, False) for bm in (16, 32, 64, 128)
-                for w in (4, 8) for waves in (2, 4, 8) for sp in splits]
-    precs = ("tf32", "tf32x3", "ieee") if xdt != torch.float32 else ("tf32x2", "tf32x3", "ieee")
-    out += [(128, 64, None, None, None, p, None, False) for p in precs]
+    shift and multiplier first (CLQ's layers), shipped and per dot precision. The shipped
+    settings and the CLQ path come first: the GPU session gives the probe a time limit."""
+    pairs = list(itertools.product((None, 64, 128), (None, 64)))
+    out = [(block, group, None, None, None, None, None, False) for block, group in pairs]
     for block, group in itertools.product((64, 128), (None, 64)):
         out += [(block, group, None, None, None, p, None, True)
                 for p in (None, "tf32x3", "ieee")]
     # block 256 with float32 values: shipped with 8 warps (fewer spills), vs 4
     out += [(256, group, None, w, None, None, None, True) for group in (None, 64)
             for w in (None, 4)]
+    precs = ("tf32", "tf32x3", "ieee") if xdt != torch.float32 else ("tf32x2", "tf32x3", "ieee")
+    out += [(128, 64, None, None, None, p, None, False) for p in precs]
+    for block, group in pairs:
+        splits = (False, True) if group is None else (None,)
+        out += [(block, group, bm, w, waves, None, sp, False) for bm in (16, 32, 64, 128)
+                for w in (4, 8) for waves in (2, 4, 8) for sp in splits]
     return out
 
 

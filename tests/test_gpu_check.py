@@ -32,7 +32,8 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
         elif r.get("op") == "QuantLinear":
             assert r["triton_vs_torch"] < 1e-3 and r["int8_operands_equal"], r
     names = {r.get("name") for r in rows if r["section"] == "pixart"}
-    assert {"w4a4-pc-int8", "w4a4-g128-int8"} <= names
+    assert {"w4a4-pc-int8", "w4a4-g128-int8", "w4a4-pc-obs", "w4a4-pc-obs-int8",
+            "w4a4-g128-obs"} <= names
     assert any("w4a4-pc-int8_ms" in r for r in rows if r["section"] == "linear")
     assert (tmp_path / js.name.replace(".json", ".md")).read_text().startswith("# GPU check")
 
