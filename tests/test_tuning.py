@@ -54,3 +54,25 @@ def test_tuned_config_errors(fresh_cache):
     tuning._tuned.clear()
     with pytest.raises(RuntimeError, match="delete the file"):
         tuning.tuned_config(fresh_cache, "k3", [], never)
+
+
+def test_group_modes_keep_both_accumulators_within_128_registers():
+    """Per group the GEMM holds an int32 and a float32 BM×BN accumulator; at 128×256 with 8
+    warps ptxas spilled 500-2152 B per thread on sm_90. fitted() narrows BN for group modes
+    only: per channel (one int32 accumulator) the wide tile stays."""
+    from clq_triton.kernels.formats import GROUP_SIZES
+    from clq_triton.kernels.tuning import ARCHS, autotune_space, table_config, table_configs
+
+    for arch in ARCHS:
+        for base in table_configs(arch) + autotune_space(arch):
+            for group in GROUP_SIZES:
+                for a_bits, w_bits in ((4, 4), (8, 4), (8, 8)):
+                    cfg = base.fitted(4096, group, a_bits, w_bits, arch)
+                    if group is not None:
+                        assert 2 * cfg.BM * cfg.BN <= 128 * 32 * cfg.num_warps, (arch, base)
+                        assert cfg.BK == group
+    wide = table_config(90, 4096)
+    assert (wide.BM, wide.BN) == (128, 256)
+    assert wide.fitted(4096, None, 4, 4, 90).BN == 256
+    assert wide.fitted(4096, 128, 4, 4, 90).BN == 128
+    assert wide.fitted(4096, 128, 4, 4).BN == 256  # no arch: the interpreter's config path

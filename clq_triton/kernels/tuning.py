@@ -49,10 +49,20 @@ class GemmConfig:
     def fitted(self, k: int, group_size: int | None, a_bits: int = 4, w_bits: int = 4,
                arch: int | None = None) -> "GemmConfig":
         """The config for one call: BK equals the group (one rescale per K step) or, per
-        channel, divides K; then, on ``arch``, fewer stages (down to 2) and then a narrower
-        BN until the shared-memory estimate fits."""
+        channel, divides K; then, on ``arch``, per group a narrower BN until the accumulators
+        fit in registers, fewer stages (down to 2) and then a narrower BN until the
+        shared-memory estimate fits.
+
+        Per group the kernel holds two BM×BN accumulators (the group's int32 sum and the
+        float32 total): more than 128 registers per thread of them made ptxas spill 500-2152 B
+        per thread at 128×256 with 8 warps (sm_90, triton 3.6, ``compile_check
+        --registers``); on an H100 BM 128 × BN 128 ran W4A4 group 128 1.15-1.28× faster than
+        128×256 at M 4096 (bench/results/gpu-2026-11-27/)."""
         if group_size is not None:
             cfg = replace(self, BK=group_size)
+            if arch is not None:
+                while 2 * cfg.BM * cfg.BN > 128 * 32 * cfg.num_warps and cfg.BN > 64:
+                    cfg = replace(cfg, BN=cfg.BN // 2)
         else:
             bk = self.BK
             while k % bk:
