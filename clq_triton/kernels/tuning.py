@@ -61,7 +61,8 @@ class GemmConfig:
         if group_size is not None:
             cfg = replace(self, BK=group_size)
             if arch is not None:
-                while 2 * cfg.BM * cfg.BN > 128 * 32 * cfg.num_warps and cfg.BN > 64:
+                while 2 * cfg.BM * cfg.BN > _accumulator_registers(arch) * 32 * cfg.num_warps \
+                        and cfg.BN > 64:
                     cfg = replace(cfg, BN=cfg.BN // 2)
         else:
             bk = self.BK
@@ -76,6 +77,14 @@ class GemmConfig:
         while cfg.smem_estimate(a_bits, w_bits) > limit and cfg.BN > 64:
             cfg = replace(cfg, BN=cfg.BN // 2)
         return cfg
+
+
+def _accumulator_registers(arch: int) -> int:
+    """Registers per thread the per-group mode may give its two accumulators: 128 on sm_90,
+    whose wgmma reads both operands from shared memory; 64 before it, where mma.sync takes
+    them from registers too (sm_80/89, triton 3.6: 128×128 with 8 warps spilled 96-184 B per
+    thread at group 128, none at 128×64)."""
+    return 128 if arch >= 90 else 64
 
 
 # (largest M, config); the first row whose bound holds is used.
