@@ -340,21 +340,6 @@ def main(argv=None):
         log(section="pixart", tokens=(side // 2) ** 2, blocks=len(fp.transformer_blocks), **row)
         import copy
 
-        for bits, group, int8 in (("w4a4", None, False), ("w4a4", None, True),
-                                  ("w4a4", 128, False), ("w4a4", 128, True),
-                                  ("w8a8", None, False)):
-            q = copy.deepcopy(fp)
-            report = patch(q, QuantConfig.from_bits(bits, group_size=group), progress=False)
-            if int8:
-                use_int8_operands(q)
-            out, r = measure(q, f"{bits}-{'g%d' % group if group else 'pc'}"
-                             + ("-int8" if int8 else ""))
-            r["x_fp"] = round(row["ms"] / r["ms"], 3)
-            r["rel_err_vs_fp"] = float((out - ref).norm() / ref.norm())
-            r["weight_ratio"] = round(report.weight_ratio, 4)
-            log(section="pixart", **r)
-            del q
-
         def obs_shaped(config):
             """A copy of fp whose block Linears are shaped like CLQ's: a permutation, a channel
             multiplier and a shift before the rotation, so the rotation's dots take float32
@@ -371,14 +356,26 @@ def main(argv=None):
                     channel_shift=(torch.randn(k, generator=g) * 0.1).to(dev)))
             return q
 
-        for group, int8 in ((None, False), (None, True), (128, False)):
-            q = obs_shaped(QuantConfig.from_bits("w4a4", group_size=group))
+        # (bits, group, int8 operands, CLQ-shaped layers); data-free patch() otherwise
+        for bits, group, int8, obs in (("w4a4", None, False, False), ("w4a4", None, True, False),
+                                       ("w4a4", 128, False, False), ("w4a4", 128, True, False),
+                                       ("w8a8", None, False, False), ("w4a4", None, False, True),
+                                       ("w4a4", None, True, True), ("w4a4", 128, False, True)):
+            config = QuantConfig.from_bits(bits, group_size=group)
+            ratio = None
+            if obs:
+                q = obs_shaped(config)
+            else:
+                q = copy.deepcopy(fp)
+                ratio = patch(q, config, progress=False).weight_ratio
             if int8:
                 use_int8_operands(q)
-            out, r = measure(q, f"w4a4-{'g%d' % group if group else 'pc'}-obs"
-                             + ("-int8" if int8 else ""))
+            out, r = measure(q, f"{bits}-{'g%d' % group if group else 'pc'}"
+                             + ("-obs" if obs else "") + ("-int8" if int8 else ""))
             r["x_fp"] = round(row["ms"] / r["ms"], 3)
             r["rel_err_vs_fp"] = float((out - ref).norm() / ref.norm())
+            if ratio is not None:
+                r["weight_ratio"] = round(ratio, 4)
             log(section="pixart", **r)
             del q
 
