@@ -151,7 +151,7 @@ def main(argv=None):
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
 
-    from clq_triton import QuantConfig, QuantLinear, eligible_linears, patch, use_int8_operands
+    from clq_triton import QuantConfig, QuantLinear, patch, use_int8_operands
     from clq_triton.kernels import tuning
     from clq_triton.kernels._runtime import backend
     from clq_triton.kernels.gemm import quant_matmul
@@ -340,42 +340,36 @@ def main(argv=None):
         log(section="pixart", tokens=(side // 2) ** 2, blocks=len(fp.transformer_blocks), **row)
         import copy
 
-        def obs_shaped(config):
-            """A copy of fp whose block Linears are shaped like CLQ's: a permutation, a channel
-            multiplier and a shift before the rotation, so the rotation's dots take float32
-            values (random transforms: time and memory; the error is not CLQ's)."""
-            q = copy.deepcopy(fp)
+        def obs_shaped(q, report):
+            """Re-quantize the layers that patch() quantized in ``q`` shaped like CLQ's: a
+            permutation, a channel multiplier and a shift before the rotation, so the
+            rotation's dots take float32 values (random transforms: time and memory; the
+            error is not CLQ's)."""
             g = torch.Generator().manual_seed(0)
-            for name, lin in eligible_linears(q):
-                k = lin.in_features
-                if k % (config.group_size or 64):  # patch() leaves these in full precision
-                    continue
+            for name in report.quantized:
+                k, config = q.get_submodule(name).in_features, q.get_submodule(name).config
                 q.set_submodule(name, QuantLinear.from_linear(
-                    lin, config, perm=torch.randperm(k, generator=g).to(dev),
+                    fp.get_submodule(name), config, perm=torch.randperm(k, generator=g).to(dev),
                     channel_scale=(torch.rand(k, generator=g) + 0.5).to(dev),
                     channel_shift=(torch.randn(k, generator=g) * 0.1).to(dev)))
-            return q
 
         # (bits, group, int8 operands, CLQ-shaped layers); data-free patch() otherwise
         for bits, group, int8, obs in (("w4a4", None, False, False), ("w4a4", None, True, False),
                                        ("w4a4", 128, False, False), ("w4a4", 128, True, False),
                                        ("w8a8", None, False, False), ("w4a4", None, False, True),
                                        ("w4a4", None, True, True), ("w4a4", 128, False, True)):
-            config = QuantConfig.from_bits(bits, group_size=group)
-            ratio = None
+            q = copy.deepcopy(fp)
+            report = patch(q, QuantConfig.from_bits(bits, group_size=group), progress=False)
             if obs:
-                q = obs_shaped(config)
-            else:
-                q = copy.deepcopy(fp)
-                ratio = patch(q, config, progress=False).weight_ratio
+                obs_shaped(q, report)
             if int8:
                 use_int8_operands(q)
             out, r = measure(q, f"{bits}-{'g%d' % group if group else 'pc'}"
                              + ("-obs" if obs else "") + ("-int8" if int8 else ""))
             r["x_fp"] = round(row["ms"] / r["ms"], 3)
             r["rel_err_vs_fp"] = float((out - ref).norm() / ref.norm())
-            if ratio is not None:
-                r["weight_ratio"] = round(ratio, 4)
+            if not obs:  # the re-quantized layers also hold the channel vectors
+                r["weight_ratio"] = round(report.weight_ratio, 4)
             log(section="pixart", **r)
             del q
 

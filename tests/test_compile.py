@@ -128,8 +128,8 @@ def _softmax_job(n):
 
 def test_registers_report_spills_of_a_tile_too_big_for_one_warp():
     """--registers runs the ptxas that triton bundles: a [64, 256] fp32 tile held by one warp
-    (512 values per thread) spills; [64, 16] does not. The rotation kernel's specialization
-    used by CLQ's layers reports its tensor-core instructions."""
+    (512 values per thread) spills; [64, 16] does not; neither has tensor-core
+    instructions."""
     small, big = run_jobs([_softmax_job(16), _softmax_job(256)], registers=True)
     assert small.ok and small.spill_bytes == 0 and 0 < small.registers <= 255
     assert big.ok and big.spill_bytes > 0 and big.registers <= 255
