@@ -152,7 +152,8 @@ def main():
                     continue
                 model = copy.deepcopy(fp)
                 t0 = time.time()
-                clq_triton.patch(model, config, variants[name], data, progress=False)
+                clq_triton.patch(model, config, variants[name],
+                                 data if variants[name].calibrated else None, progress=False)
                 calib = time.time() - t0
                 per_seed = [metrics(sample(model, sched, labels, steps=args.steps,
                                            guidance=args.guidance, seed=s),

@@ -14,10 +14,11 @@ class _Stop(Exception):
     pass
 
 
-def find_blocks(model: nn.Module, sample: tuple[tuple, dict],
-                device) -> list[tuple[str, nn.Module]]:
+def find_blocks(model: nn.Module, sample: tuple[tuple, dict], device,
+                counts: dict[str, int] | None = None) -> list[tuple[str, nn.Module]]:
     """The children of every nn.ModuleList in ``model`` (e.g. ``transformer_blocks.3``,
-    ``single_transformer_blocks.0``), in the order one forward pass calls them."""
+    ``single_transformer_blocks.0``), in the order one forward pass first calls them.
+    ``counts``: filled with name → how many times the forward pass called the block."""
     candidates = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList):
@@ -29,8 +30,15 @@ def find_blocks(model: nn.Module, sample: tuple[tuple, dict],
         raise ValueError(f"found no block list (nn.ModuleList) in {type(model).__name__}; "
                          "CBC needs the transformer's blocks")
     order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order
-                                           else None) for n, m in candidates.items()]
+    calls: dict[str, int] = {}
+
+    def seen(name):
+        if name not in calls:
+            order.append(name)
+        calls[name] = calls.get(name, 0) + 1
+
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: seen(n))
+               for n, m in candidates.items()]
     try:
         run_model(model, sample, device)
     finally:
@@ -38,6 +46,8 @@ def find_blocks(model: nn.Module, sample: tuple[tuple, dict],
             h.remove()
     if not order:
         raise ValueError("the forward pass called none of the block lists' modules")
+    if counts is not None:
+        counts.update(calls)
     return [(n, candidates[n]) for n in order]
 
 
@@ -67,14 +77,18 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData, device):
+def block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData, device,
+                 all_calls: bool = False):
     """The (args, kwargs) with which ``block`` is called for each calibration sample (on CPU),
-    from running ``model`` as it is now (the forward is cut short at the block)."""
+    from running ``model`` as it is now (the forward is cut short at the block).
+    ``all_calls``: every call of a block that a forward calls more than once (the whole
+    forward runs), in call order, sample after sample."""
     caught = []
 
     def hook(module, args, kwargs):
         caught.append(to_cpu((args, kwargs)))
-        raise _Stop
+        if not all_calls:
+            raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -85,6 +99,6 @@ def block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData, devi
                 pass
     finally:
         handle.remove()
-    if len(caught) != len(data.samples):
+    if len(caught) < len(data.samples) or (not all_calls and len(caught) != len(data.samples)):
         raise RuntimeError("the block was not called once per calibration sample")
     return caught

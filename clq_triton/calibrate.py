@@ -17,29 +17,27 @@ FP block outputs are computed per block from the FP stream, never held for all b
 
 from __future__ import annotations
 
-import copy
+import warnings
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import find_blocks, output_tensors, run_block, run_model
-from .capture import CalibrationData
+from .capture import CalibrationData, to_device
 from .config import QuantConfig
 from .methods import Calibrated
 from .quant_linear import QuantLinear
 from .smoothing import ChannelRange
 from .stream import BlockStream, Link, block_links, current_blocks
+from .swap import Originals, set_submodule
 
 
-def _sq_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    return sum(float((g.float().cpu() - w.float()).pow(2).sum()) for g, w in zip(got, want))
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` with ``module``."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+def _sq_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> torch.Tensor:
+    """Σ (g − w)² over paired tensors, reduced on the device of ``got`` (0-d float64): callers
+    read one scalar per candidate, not one per tensor."""
+    return sum(((g.float() - w.to(g.device).float()).pow(2).sum(dtype=torch.float64)
+                for g, w in zip(got, want)), torch.zeros((), dtype=torch.float64))
 
 
 def reach(links: list[Link | None], start: int, depth: int) -> int:
@@ -50,12 +48,14 @@ def reach(links: list[Link | None], start: int, depth: int) -> int:
     return d
 
 
-def run_blocks(blocks, links, start: int, calls, depth: int, device):
-    """outs[d][s]: output tensors (CPU) of blocks[start + d] for call s, d = 0..depth,
-    running each block as it is now and building each next call through its link."""
+def run_blocks(blocks, links, start: int, calls, depth: int, device, cpu: bool = True):
+    """outs[d][s]: output tensors of blocks[start + d] for call s, d = 0..depth, running each
+    block as it is now and building each next call through its link. ``cpu``: the outputs
+    are moved to the CPU (to be held); False leaves them on ``device`` (to be scored)."""
     by_depth = []
     for d in range(depth + 1):
-        outs = [[t.cpu() for t in run_block(blocks[start + d], c, device)] for c in calls]
+        outs = [[t.cpu() if cpu else t for t in run_block(blocks[start + d], c, device)]
+                for c in calls]
         by_depth.append(outs)
         if d < depth:
             link = links[start + d]
@@ -70,15 +70,26 @@ def calibrate(
     method: Calibrated,
     progress: bool = True,
     depths: dict[str, int] | None = None,
+    originals: Originals | None = None,
 ) -> dict[str, QuantLinear]:
     """Quantize ``layers`` (name, Linear, its config from ``method.layer_config``) of
     ``model`` in place with ``method``; returns name → installed QuantLinear.
-    ``depths``: filled with name → the target depth CLPS chose (``clps_target="depth"``)."""
+    ``depths``: filled with name → the target depth CLPS chose (``clps_target="depth"``).
+    ``originals``: where the replaced Linears are kept (patch() rolls back through it)."""
     if not len(data):
         raise ValueError("calibration data is empty")
+    originals = Originals(model) if originals is None else originals
     device = next(model.parameters()).device
-    named = find_blocks(model, data.samples[0], device)
+    counts: dict[str, int] = {}
+    named = find_blocks(model, data.samples[0], device, counts)
     names, blocks = [n for n, _ in named], [b for _, b in named]
+    repeated = {n for n in names if counts[n] > 1}
+    if repeated:
+        warnings.warn(
+            "block(s) called more than once per forward: "
+            + ", ".join(f"{n} ({counts[n]}×)" for n in names if n in repeated)
+            + "; each is calibrated on all of its calls (its inputs come from replaying the "
+            "model, not carried from the previous block)", stacklevel=3)
     by_block = {bname: [(n, lin, cfg) for n, lin, cfg in layers
                         if n == bname or n.startswith(bname + ".")] for bname in names}
     in_blocks = {n for todo in by_block.values() for n, _, _ in todo}
@@ -87,24 +98,22 @@ def calibrate(
         raise ValueError("calibrated methods quantize layers inside blocks only; "
                          f"outside: {outside}")
     target = method.clps_target if method.search else None
-    links = block_links(model, blocks, data.samples[0], device)
+    links = [None if link is None or {names[i], names[i + 1]} & repeated else link
+             for i, link in enumerate(block_links(model, blocks, data.samples[0], device))]
     cbc = method.cbc
     fp_final = None
     if target == "output":
         fp_final = [[t.cpu() for t in output_tensors(run_model(model, s, device))]
                     for s in data.samples]
-    # The quantized stream follows the live model; the FP stream needs FP blocks for its
-    # replays: with CBC the live model's earlier blocks are quantized, so a copy.
-    q_stream = BlockStream(model, names, links, data, device) if cbc else None
+    # The quantized stream follows the live model; the FP stream's replays (where a link is
+    # missing) see the model with the replaced layers lent back in full precision.
+    q_stream = BlockStream(model, names, links, data, device, repeated) if cbc else None
     fp_stream = None
     if not cbc or target in ("block", "depth"):
-        if cbc and any(link is None for link in links):
-            fp_model = copy.deepcopy(model)
-            fp_stream = BlockStream(fp_model, names, links, data, device)
-        else:
-            fp_stream = BlockStream(model, names, links, data, device)
+        fp_stream = BlockStream(model, names, links, data, device, repeated,
+                                fp_view=originals.fp_view)
     done: dict[str, QuantLinear] = {}
-    pending: list[tuple[str, QuantLinear]] = []
+    pending: list[tuple[str, nn.Linear]] = []
     for bi, bname in enumerate(tqdm(names, desc=f"calibrate {method.name}",
                                     disable=not progress)):
         todo = by_block[bname]
@@ -117,17 +126,19 @@ def calibrate(
             calls = q_stream.calls if cbc else fp_stream.calls
             _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_deep,
                              fp_final, data, device, done, depths)
-            if not cbc:  # later blocks must see full-precision inputs: install at the end
-                for name, lin, _ in todo:
-                    pending.append((name, done[name]))
+            for name, lin, _ in todo:
+                if cbc:
+                    originals.install(name, lin, done[name])
+                else:  # later blocks must see full-precision inputs: install at the end
+                    pending.append((name, lin))
                     set_submodule(model, name, lin)
         if bi + 1 < len(blocks):
             if q_stream is not None:
                 q_stream.advance()  # runs block bi as it is now: quantized
             if fp_stream is not None:
                 fp_stream.advance(fp_deep[0])
-    for name, q in pending:
-        set_submodule(model, name, q)
+    for name, lin in pending:
+        originals.install(name, lin, done[name])
     return done
 
 
@@ -138,6 +149,11 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
     def blocks():  # by name: the block may be the layer, replaced by a candidate
         return current_blocks(model, names)
 
+    # the block's calls and FP targets stay on the device while it is calibrated: every
+    # candidate runs on them, and its error is reduced there to one scalar
+    calls = to_device(calls, device)
+    if fp_deep is not None:
+        fp_deep = to_device(fp_deep, device)
     stats = ChannelRange({n: lin for n, lin, _ in todo})
     layer_x: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in todo}
     grab = [lin.register_forward_pre_hook(lambda m, a, n=n: layer_x[n].append(a[0].cpu()))
@@ -152,12 +168,12 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
 
     def error_at(depth: int):
         """Squared error vs the FP model at block bi + depth, the live model as it is now."""
-        got = run_blocks(blocks(), links, bi, calls, depth, device)[depth]
-        return sum(_sq_err(g, w) for g, w in zip(got, fp_deep[depth]))
+        got = run_blocks(blocks(), links, bi, calls, depth, device, cpu=False)[depth]
+        return float(sum(_sq_err(g, w) for g, w in zip(got, fp_deep[depth])))
 
     def output_error():
-        return sum(_sq_err(output_tensors(run_model(model, smp, device)), fp_final[s])
-                   for s, smp in enumerate(data.samples))
+        return float(sum(_sq_err(output_tensors(run_model(model, smp, device)), fp_final[s])
+                         for s, smp in enumerate(data.samples)))
 
     for name, lin, cfg in todo:
         tf = method.channel_transform(stats.lo[name], stats.hi[name], stats.mean[name], lin,
@@ -187,13 +203,14 @@ def _peak_depth(model, name, lin, cfg, tf, blocks, links, bi, calls, max_depth, 
     outputs 0..max_depth."""
     if max_depth == 0:
         return 0
-    clean = run_blocks(blocks(), links, bi, calls, max_depth, device)
+    clean = run_blocks(blocks(), links, bi, calls, max_depth, device, cpu=False)
     set_submodule(model, name, _quantize(lin, cfg, tf))
     try:
-        noisy = run_blocks(blocks(), links, bi, calls, max_depth, device)
+        noisy = run_blocks(blocks(), links, bi, calls, max_depth, device, cpu=False)
     finally:
         set_submodule(model, name, lin)
-    err = [sum(_sq_err(n, c) for n, c in zip(noisy[d], clean[d])) for d in range(max_depth + 1)]
+    err = [float(sum(_sq_err(n, c) for n, c in zip(noisy[d], clean[d])))
+           for d in range(max_depth + 1)]
     return max(range(max_depth + 1), key=lambda d: err[d])
 
 
@@ -228,8 +245,14 @@ def _search(model, name, lin, cfg, tf, method, target_error) -> QuantLinear:
 
 
 def _search_layer(lin, cfg, tf, xs, method, device) -> QuantLinear:
-    """The local baseline: error at the layer's own output on its recorded inputs."""
+    """The local baseline: error at the layer's own output on its recorded inputs (held on
+    the CPU; the FP output is recomputed per candidate rather than held on the device)."""
+    def error(q):
+        err = torch.zeros((), dtype=torch.float64, device=device)
+        for x in xs:
+            x = x.to(device)
+            err += _sq_err([q(x)], [lin(x)]).to(device)
+        return float(err)
+
     with torch.no_grad():
-        want = [lin(x.to(device)) for x in xs]
-        return _best_clips(lin, cfg, tf, method,
-                           lambda q: _sq_err([q(x.to(device)) for x in xs], want))
+        return _best_clips(lin, cfg, tf, method, error)

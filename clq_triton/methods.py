@@ -11,6 +11,7 @@ default config (:func:`method_config`). Configs serialize to a versioned dict
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -57,6 +58,9 @@ class Method:
 
     def to_dict(self) -> dict:
         return {"method": self.name, "format": METHOD_FORMAT, **asdict(self)}
+
+    def warn_ignored(self, config: QuantConfig) -> None:
+        """Warn about settings of this method that ``config`` leaves without effect."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +190,16 @@ class CLQ(Calibrated):
             return config.replace(hadamard_block=None)
         return super().layer_config(config, k)
 
+    def warn_ignored(self, config):
+        if self.obs and config.hadamard_block is None:
+            warnings.warn("CLQ with QuantConfig(hadamard_block=None): OBS's permutation and "
+                          "rotation need a Hadamard block and are skipped; its shift and "
+                          "smoothing are applied", stacklevel=3)
+
     def channel_transform(self, x_lo, x_hi, x_mean, linear, config):
-        if config.hadamard_block is None:
+        """OBS: shift, smoothing, then the outlier permutation (only with a rotation: it
+        places channels in Hadamard blocks)."""
+        if not self.obs:
             return ChannelTransform()
         shift = None
         if self.shift:
@@ -199,7 +211,9 @@ class CLQ(Calibrated):
         if self.smooth_alpha is not None:
             scale = smoothquant_scale(amax, linear.weight, self.smooth_alpha)
             amax = amax * scale
-        return ChannelTransform(outlier_permutation(amax, config.hadamard_block), scale, shift)
+        perm = (outlier_permutation(amax, config.hadamard_block)
+                if config.hadamard_block is not None else None)
+        return ChannelTransform(perm, scale, shift)
 
 
 METHODS = {cls.name: cls for cls in (CLQ, SmoothQuant, QuaRot, RTN, Hadamard)}

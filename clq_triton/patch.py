@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import calibrate, set_submodule
+from .calibrate import calibrate
 from .capture import CalibrationData
 from .config import QuantConfig
 from .kernels.formats import check_k
 from .methods import Method, method_config
 from .quant_linear import QuantLinear
+from .swap import Originals
 
 log = logging.getLogger("clq_triton")
 
@@ -112,6 +113,12 @@ def patch(
     include / exclude / blocks_only: which layers (see :func:`eligible_linears`).
     Layers whose K is not a multiple of 64 and of the group size stay in full precision,
     listed in ``PatchReport.skipped`` with a warning (``strict=True`` raises instead).
+
+    All or nothing: if quantizing any layer fails, every layer replaced so far is put back
+    and the error is raised. A model that already holds QuantLinears is refused (patching
+    twice would mix two configs in one model): patch the full-precision model. Replaced
+    Linears that lived on a GPU move to the CPU until patch() returns (then they are
+    dropped), so the GPU holds the FP weights plus one quantized layer at most.
     """
     if isinstance(config, str):
         config = QuantConfig.from_bits(config)
@@ -119,6 +126,16 @@ def patch(
     if method.calibrated and calibration is None:
         raise ValueError(f"method {method.name!r} needs calibration data "
                          "(clq_triton.capture_calibration(...))")
+    if not method.calibrated and calibration is not None:
+        warnings.warn(f"method {method.name!r} is data-free: the calibration data passed is "
+                      "not used (clq_triton.CLQ() and SmoothQuant() use it)", stacklevel=2)
+    already = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if already:
+        raise ValueError(
+            f"the model already holds {len(already)} QuantLinear layer(s) (e.g. {already[0]}): "
+            "it was patched before, and patching again would mix two configs in one model; "
+            "patch the full-precision model, or load a saved one with "
+            "clq_triton.load_quantized")
     report = PatchReport(method=method, config=config)
     todo = []
     for name, lin in eligible_linears(model, include, exclude, blocks_only):
@@ -143,13 +160,21 @@ def patch(
         warnings.warn(f"clq_triton.patch found no eligible nn.Linear in "
                       f"{type(model).__name__}: nothing was quantized{hint}", stacklevel=2)
     if method.calibrated:
-        quantized = calibrate(model, calibration, todo, method, progress,
-                              depths=report.clps_depths)
-    else:
-        quantized = {}
-        for name, lin, cfg in tqdm(todo, desc=f"quantize {config.name}", disable=not progress):
-            quantized[name] = QuantLinear.from_linear(lin, cfg)
-            set_submodule(model, name, quantized[name])
+        method.warn_ignored(config)
+    originals = Originals(model)
+    try:
+        if method.calibrated:
+            quantized = calibrate(model, calibration, todo, method, progress,
+                                  depths=report.clps_depths, originals=originals)
+        else:
+            quantized = {}
+            for name, lin, cfg in tqdm(todo, desc=f"quantize {config.name}",
+                                       disable=not progress):
+                quantized[name] = QuantLinear.from_linear(lin, cfg)
+                originals.install(name, lin, quantized[name])
+    except BaseException:
+        originals.rollback()
+        raise
     model._clq_patch = {"method": method.to_dict(), "config": config.to_dict()}  # for saving
     for name, lin, _ in todo:
         report.quantized.append(name)

@@ -20,6 +20,10 @@ from .kernels.hadamard import check_block, check_perm, rotate_ref
 from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
 
 
+# Buffers that stay float32 through dtype casts of the module (QuantLinear._apply).
+FLOAT32_BUFFERS = ("wscale", "channel_scale", "channel_shift", "bias")
+
+
 class QuantLinear(nn.Module):
     """y = Q((x − δ)·D·G) · Q(W·D⁻¹·G)ᵀ + (b + W·δ) with G = S·H (permutation then block
     Hadamard), D an optional positive per-channel diagonal (smoothing) and δ an optional
@@ -83,7 +87,6 @@ class QuantLinear(nn.Module):
                              if has_channel_shift else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.register_buffer("qweight_int8", None, persistent=False)
-        self.register_load_state_dict_post_hook(_after_load)
 
     @classmethod
     def from_linear(
@@ -106,6 +109,10 @@ class QuantLinear(nn.Module):
         if not torch.isfinite(w).all():
             raise ValueError("linear.weight holds NaN or Inf; cannot quantize it")
         n, k = w.shape
+        # calibration statistics live on the CPU: every part of the transform goes to the
+        # weight's device here, the one place all of them meet the weight
+        perm, channel_scale, channel_shift = on_device(w.device, perm, channel_scale,
+                                                       channel_shift)
         check_perm(perm, k)
         if channel_scale is not None and (channel_scale.shape != (k,)
                                           or not bool((channel_scale > 0).all())):
@@ -119,7 +126,7 @@ class QuantLinear(nn.Module):
                 has_channel_shift=channel_shift is not None, device=w.device)
         w = w.float()
         if channel_scale is not None:
-            cs = channel_scale.to(w.device, torch.float32)
+            cs = channel_scale.to(torch.float32)
             q.channel_scale.copy_(cs)
             w = w / cs
         w_rot = rotate_ref(w, perm, config.hadamard_block)
@@ -132,7 +139,7 @@ class QuantLinear(nn.Module):
         if perm is not None:
             q.perm.copy_(perm.to(torch.int32))
         if channel_shift is not None:
-            shift = channel_shift.to(w.device, torch.float64)
+            shift = channel_shift.to(torch.float64)
             q.channel_shift.copy_(shift)
             folded = linear.weight.detach().double() @ shift
             q.bias.copy_(folded if b is None else b.detach().double() + folded)
@@ -165,6 +172,35 @@ class QuantLinear(nn.Module):
                                                   self.wgroup, self.bias, cfg.a_bits,
                                                   cfg.w_bits, cfg.group_size, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .half() / .bfloat16() / .cuda() …: moves every buffer, but the float32
+        ones (:data:`FLOAT32_BUFFERS`: scales, shift, bias) keep float32 — a dtype cast
+        would lose their precision and make the checkpoint unreadable."""
+        kept = {n: self._buffers[n] for n in FLOAT32_BUFFERS if self._buffers.get(n) is not None}
+        for n in kept:
+            self._buffers[n] = None
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(kept)
+            raise
+        for n, t in kept.items():
+            moved = fn(t)
+            self._buffers[n] = moved if moved.dtype == torch.float32 else t.to(moved.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Validates the incoming perm before any buffer is overwritten (forward trusts it),
+        then loads; rebuilds an int8 weight copy from the loaded codes."""
+        perm = state_dict.get(prefix + "perm")
+        if torch.is_tensor(perm):
+            check_perm(perm, self.in_features)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.qweight_int8 is not None:
+            self.use_int8_operands(True)
 
     def use_int8_operands(self, enabled: bool = True) -> "QuantLinear":
         """Run the GEMM on int8 operands (see the class docstring); ``False`` frees the int8
@@ -233,9 +269,6 @@ def _package_version() -> str:
     return __version__
 
 
-def _after_load(module: QuantLinear, incompatible_keys) -> None:
-    """After load_state_dict: the loaded perm must be a permutation (forward trusts it), and
-    an int8 weight copy is rebuilt from the loaded codes."""
-    check_perm(module.perm, module.in_features)
-    if module.qweight_int8 is not None:
-        module.use_int8_operands(True)
+def on_device(device: torch.device, *tensors: torch.Tensor | None):
+    """``tensors`` moved to ``device`` (None stays None), as a tuple."""
+    return tuple(t.to(device) if t is not None else None for t in tensors)

@@ -22,10 +22,10 @@ import os
 import torch
 from torch import nn
 
-from .calibrate import set_submodule
 from .config import QuantConfig
 from .kernels.formats import FORMAT_VERSION
 from .quant_linear import QuantLinear
+from .swap import set_submodule
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"

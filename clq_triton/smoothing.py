@@ -11,39 +11,49 @@ class ChannelRange:
     """Running min, max and mean per input channel of a set of Linears, fed by forward
     pre-hooks (non-finite values are left out).
 
-    After :meth:`close`: ``lo[name]`` / ``hi[name]`` / ``mean[name]`` float32 [K] (0 for
-    channels never seen finite); ``amax(name)`` = max |x| per channel."""
+    The running values live on the inputs' device and are reduced there (no copy or sync
+    per call; sums in float64 without a float64 copy of x); :meth:`close` moves them to the
+    CPU once. After it: ``lo[name]`` / ``hi[name]`` / ``mean[name]`` float32 [K] on the CPU
+    (0 for channels never seen finite); ``amax(name)`` = max |x| per channel."""
 
     def __init__(self, layers: dict[str, nn.Linear]):
-        self.lo = {n: torch.full((m.in_features,), float("inf")) for n, m in layers.items()}
-        self.hi = {n: torch.full((m.in_features,), -float("inf")) for n, m in layers.items()}
-        self._sum = {n: torch.zeros(m.in_features, dtype=torch.float64)
-                     for n, m in layers.items()}
-        self._count = {n: torch.zeros(m.in_features, dtype=torch.float64)
-                       for n, m in layers.items()}
+        self._k = {n: m.in_features for n, m in layers.items()}
+        self._acc: dict[str, list[torch.Tensor]] = {}  # name → [lo, hi, sum, count]
+        self.lo: dict[str, torch.Tensor] = {}
+        self.hi: dict[str, torch.Tensor] = {}
         self.mean: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
 
     def _hook(self, name):
         def hook(module, args):
             x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = x.reshape(-1, x.shape[-1])
             ok = torch.isfinite(x)
-            lo = torch.where(ok, x, float("inf")).amin(0).cpu()
-            hi = torch.where(ok, x, -float("inf")).amax(0).cpu()
-            self.lo[name] = torch.minimum(self.lo[name], lo)
-            self.hi[name] = torch.maximum(self.hi[name], hi)
-            self._sum[name] += torch.where(ok, x, 0.0).double().sum(0).cpu()
-            self._count[name] += ok.double().sum(0).cpu()
+            lo = torch.where(ok, x, float("inf")).amin(0).float()
+            hi = torch.where(ok, x, -float("inf")).amax(0).float()
+            total = torch.where(ok, x, 0).sum(0, dtype=torch.float64)
+            count = ok.sum(0, dtype=torch.float64)
+            acc = self._acc.get(name)
+            if acc is None:
+                self._acc[name] = [lo, hi, total, count]
+            else:
+                torch.minimum(acc[0], lo, out=acc[0])
+                torch.maximum(acc[1], hi, out=acc[1])
+                acc[2] += total
+                acc[3] += count
         return hook
 
     def close(self):
         for h in self._handles:
             h.remove()
-        for d in (self.lo, self.hi):
-            for n, v in d.items():
-                d[n] = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
-        self.mean = {n: (self._sum[n] / self._count[n].clamp(min=1)).float() for n in self.lo}
+        for n, k in self._k.items():
+            lo, hi, total, count = (t.cpu() for t in self._acc[n]) if n in self._acc else (
+                torch.zeros(k), torch.zeros(k), torch.zeros(k, dtype=torch.float64),
+                torch.zeros(k, dtype=torch.float64))
+            self.lo[n] = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+            self.hi[n] = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+            self.mean[n] = (total / count.clamp(min=1)).float()
+        self._acc.clear()
 
     def amax(self, name: str) -> torch.Tensor:
         return abs_max(self.lo[name], self.hi[name])

@@ -11,6 +11,7 @@ that block instead (:func:`blocks.block_inputs`), which gives the same inputs at
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -102,12 +103,20 @@ class BlockStream:
     """
 
     def __init__(self, model: nn.Module, names: list[str], links: list[Link | None],
-                 data: CalibrationData, device):
+                 data: CalibrationData, device, repeated: set[str] = frozenset(),
+                 fp_view=contextlib.nullcontext):
         self.model, self.names, self.links, self.data = model, names, links, data
         self.device = device
+        self.repeated = repeated  # blocks a forward calls more than once: all calls kept
+        self.fp_view = fp_view  # context in which replays run (the FP stream's FP layers)
         self.index = 0
-        self.calls = block_inputs(model, self.blocks[0], data, device)
         self.replays = 0  # blocks reached by replaying the model (for tests and reports)
+        self.calls = self._replay()
+
+    def _replay(self):
+        with self.fp_view():
+            return block_inputs(self.model, self.model.get_submodule(self.names[self.index]),
+                                self.data, self.device, self.names[self.index] in self.repeated)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -128,8 +137,7 @@ class BlockStream:
             outs = self.outputs()
         self.index += 1
         if link is None:
-            self.calls = block_inputs(self.model, self.model.get_submodule(self.names[self.index]),
-                                      self.data, self.device)
+            self.calls = self._replay()
             self.replays += 1
         else:
             self.calls = [link.next_call(c, o) for c, o in zip(self.calls, outs)]

@@ -26,11 +26,11 @@ def torch_backend():
         yield
 
 
-def model_error(model, ref_model, data):
+def model_error(model, ref_model, data, device="cpu"):
     num = den = 0.0
     for s in data.samples:
-        want = output_tensors(run_model(ref_model, s, "cpu"))[0]
-        got = output_tensors(run_model(model, s, "cpu"))[0]
+        want = output_tensors(run_model(ref_model, s, device))[0].float()
+        got = output_tensors(run_model(model, s, device))[0].float()
         num += float((got - want).pow(2).sum())
         den += float(want.pow(2).sum())
     return (num / den) ** 0.5
@@ -133,7 +133,8 @@ def test_obs_beats_rtn_and_full_hadamard_on_planted_outliers(gen):
     errs = {}
     for name, method in {"rtn": "rtn", "quarot": "quarot", "obs": CLQ(clps=False)}.items():
         m = copy.deepcopy(model)
-        clq_triton.patch(m, QuantConfig(hadamard_block=64), method, data, progress=False)
+        clq_triton.patch(m, QuantConfig(hadamard_block=64), method,
+                         data if name == "obs" else None, progress=False)
         errs[name] = model_error(m, model, data)
     print("planted-outlier layer, W4A4 error:", {k: round(v, 4) for k, v in errs.items()})
     assert errs["obs"] < errs["quarot"] < errs["rtn"]
@@ -184,7 +185,8 @@ def test_every_method_runs_in_the_pipeline(bits):
     for name, cls in clq_triton.METHODS.items():
         method = cls(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9)) if cls is CLQ else name
         pipe.transformer = copy.deepcopy(fp)
-        report = clq_triton.patch(pipe.transformer, bits, method, data, progress=False)
+        report = clq_triton.patch(pipe.transformer, bits, method,
+                                  data if cls.calibrated else None, progress=False)
         assert report.method.name == name
         assert len(report.quantized) == 6
         images = sample(pipe, [4], steps=2)
@@ -224,3 +226,88 @@ def test_clq_calibrates_every_architecture(name, gen):
     err = model_error(model, fp, data)
     print(f"{name}: CLQ W4A4 output error on its calibration inputs {err:.4f}")
     assert err < 0.5
+
+
+class _Twice(nn.Module):
+    """Block 0 is called twice per forward, on differently offset inputs (mean ~0.5, then
+    ~3.5); block 1 once."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(64, 64)),
+                                     nn.Sequential(nn.Linear(64, 64))])
+
+    def forward(self, x):
+        a = self.blocks[0](x + 0.5)
+        b = self.blocks[0](x + 3.5)
+        return self.blocks[1](a + b)
+
+
+def test_a_block_called_twice_is_calibrated_on_both_calls(gen):
+    """OBS's shift is the channel mean over every call of the block, not the first call's;
+    the repeat is reported."""
+    model = _Twice().eval()
+    xs = [torch.randn(16, 64, generator=gen) for _ in range(3)]
+    data = CalibrationData.from_inputs([dict(x=x) for x in xs])
+    with pytest.warns(UserWarning, match=r"blocks.0 \(2×\).*all of its calls"):
+        clq_triton.patch(model, QuantConfig(group_size=None), CLQ(clps=False), data,
+                         progress=False)
+    every = torch.cat([x + 0.5 for x in xs] + [x + 3.5 for x in xs])
+    torch.testing.assert_close(model.blocks[0][0].channel_shift, every.mean(0))
+    assert model.blocks[1][0].channel_shift is not None
+
+
+@pytest.mark.parametrize("target", ["block", "depth"])
+def test_a_block_called_twice_calibrates_against_fp_targets(gen, target):
+    """With the repeated block the links around it are replays; CLPS's FP targets come from
+    the FP model (its quantized layers lent back), so both blocks calibrate and the error
+    is small."""
+    model = _Twice().eval()
+    fp = copy.deepcopy(model)
+    data = CalibrationData.from_inputs([dict(x=torch.randn(16, 64, generator=gen))
+                                        for _ in range(2)])
+    with pytest.warns(UserWarning, match="more than once"):
+        clq_triton.patch(model, "w8a8", CLQ(clps_target=target, w_clip_grid=(1.0, 0.9),
+                                            a_clip_grid=(1.0,)), data, progress=False)
+    assert model_error(model, fp, data) < 0.02
+
+
+def test_clq_without_a_rotation_keeps_shift_and_smoothing(gen):
+    """QuantConfig(hadamard_block=None): the permutation is skipped with a warning, the shift
+    and smoothing still apply."""
+    model = planted_dit(0, layers=1)
+    data = CalibrationData.from_inputs([dict(
+        hidden_states=torch.randn(1, 4, 8, 8, generator=gen), timestep=torch.tensor([500]),
+        class_labels=torch.tensor([1]))])
+    cfg = QuantConfig(w_bits=4, a_bits=4, group_size=64, hadamard_block=None)
+    with pytest.warns(UserWarning, match="permutation and rotation need a Hadamard block"):
+        report = clq_triton.patch(model, cfg, CLQ(clps=False), data, progress=False)
+    layers = [model.get_submodule(n) for n in report.quantized]
+    assert all(q.perm is None and q.config.hadamard_block is None for q in layers)
+    assert all(q.channel_shift is not None and q.channel_scale is not None for q in layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", [CLQ(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9)),
+                                    CLQ(clps_target="layer", w_clip_grid=(1.0, 0.9)),
+                                    CLQ(clps_target="depth", clps_depth=1),
+                                    CLQ(clps_target="output", w_clip_grid=(1.0,)),
+                                    CLQ(cbc=False), SmoothQuant()], ids=repr)
+def test_calibration_and_patch_of_a_cuda_model(method):
+    """Every calibrated method on a model living on the GPU (statistics reduced there, the
+    channel transforms placed on the weights' device); same layers as on the CPU."""
+    pipe = dit_pipeline(seed=4, layers=2)
+    data = clq_triton.capture_calibration(pipe.transformer, lambda: sample(pipe, [1], steps=2),
+                                          progress=False)
+    fp = pipe.transformer.cuda()
+    model = copy.deepcopy(fp)
+    with clq_triton.backend("auto"):
+        report = clq_triton.patch(model, "w4a4", method, data, progress=False)
+        assert report.quantized
+        for n in report.quantized:
+            assert all(t.is_cuda for t in model.get_submodule(n).state_dict().values()
+                       if torch.is_tensor(t))
+        err = model_error(model, fp, data, "cuda")
+    assert err < 0.5
+

@@ -81,3 +81,94 @@ def test_patch_include_and_config_forms():
     assert report.config == QuantConfig(w_bits=8, a_bits=8) and report.method == clq_triton.RTN()
     with pytest.raises(ValueError, match="look like"):
         clq_triton.patch(_Toy(), "int4", progress=False)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def test_a_failed_patch_leaves_the_model_as_it_was(monkeypatch):
+    """An error while quantizing layer 2 of 3 puts layer 1 back: no half-patched model."""
+    model = _Toy()
+    before = _weights(model)
+    real = QuantLinear.from_linear
+    calls = []
+
+    def failing(lin, cfg, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("planted failure")
+        return real(lin, cfg, *a, **kw)
+
+    monkeypatch.setattr(QuantLinear, "from_linear", staticmethod(failing))
+    with pytest.raises(RuntimeError, match="planted failure"):
+        clq_triton.patch(model, QuantConfig(group_size=None), include=(r"blocks\.0\.[02]$",),
+                         progress=False)
+    assert len(calls) == 2
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not hasattr(model, "_clq_patch")
+    after = _weights(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_failed_calibration_leaves_the_model_as_it_was(monkeypatch):
+    from toy_models import planted_dit
+    from clq_triton import calibrate as cal
+
+    model = planted_dit(0, layers=2)
+    before = _weights(model)
+    data = clq_triton.CalibrationData.from_inputs([dict(
+        hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([500]),
+        class_labels=torch.tensor([1]))])
+    real = cal._calibrate_block
+    blocks = []
+
+    def failing(model, names, todo, *a):
+        blocks.append(names)
+        if len(blocks) == 2:  # block 0 was quantized and installed
+            raise RuntimeError("planted failure")
+        return real(model, names, todo, *a)
+
+    monkeypatch.setattr(cal, "_calibrate_block", failing)
+    with clq_triton.backend("torch"), pytest.raises(RuntimeError, match="planted failure"):
+        clq_triton.patch(model, "w4a4", clq_triton.CLQ(clps=False), data, progress=False)
+    assert len(blocks) == 2
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    after = _weights(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_patching_a_patched_model_is_refused():
+    model = _Toy()
+    clq_triton.patch(model, "w4a4", include=(r"blocks\.0\.0$",), progress=False)
+    before = _weights(model)
+    with pytest.raises(ValueError, match="already holds 1 QuantLinear.*blocks.0.0"):
+        clq_triton.patch(model, "w8a8", progress=False)
+    assert type(model.blocks[0][2]) is nn.Linear and model._clq_patch["config"]["w_bits"] == 4
+    after = _weights(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_data_free_method_given_calibration_warns():
+    data = clq_triton.CalibrationData.from_inputs([dict(x=torch.randn(2, 64))])
+    with pytest.warns(UserWarning, match="'rtn' is data-free: the calibration data"):
+        clq_triton.patch(_Toy(), QuantConfig(group_size=None), "rtn", data, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_replaced_linears_leave_the_gpu_while_patching(monkeypatch):
+    """The FP Linears patch() replaced move to the CPU as they are replaced (kept there for a
+    rollback until it returns): the GPU never holds FP and quantized weights of every layer."""
+    from clq_triton import swap
+
+    model = _Toy().cuda()
+    seen = []
+    real = swap.Originals.install
+
+    def install(self, name, original, new):
+        real(self, name, original, new)
+        seen.append(original.weight.device.type)
+
+    monkeypatch.setattr(swap.Originals, "install", install)
+    clq_triton.patch(model, QuantConfig(group_size=None), progress=False)
+    assert seen == ["cpu", "cpu"]

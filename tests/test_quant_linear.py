@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -301,3 +303,71 @@ def test_int8_operands_give_the_packed_result(kernel_device, bits, group, gen):
     assert q.use_int8_operands(False).qweight_int8 is None
     w8a8 = QuantLinear.from_linear(lin, QuantConfig.from_bits("w8a8"))
     assert w8a8.use_int8_operands().qweight_int8 is None  # int8 already
+
+
+def test_channel_transform_moves_to_the_weights_device():
+    """Calibration statistics (and so perm, scale, shift) live on the CPU; from_linear moves
+    every part to the layer's device. The placement helper, checked on the meta device (no
+    GPU needed): a part it skipped would stay on the CPU."""
+    from clq_triton.quant_linear import on_device
+
+    parts = (torch.randperm(64).int(), torch.rand(64) + 0.5, None, torch.randn(64))
+    moved = on_device(torch.device("meta"), *parts)
+    assert [t is None for t in moved] == [t is None for t in parts]
+    assert all(t.device.type == "meta" for t in moved if t is not None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_channel_transform_quantizes_a_cuda_linear(gen):
+    lin = _linear(128, 48, gen).cuda()
+    perm, scale, shift = torch.randperm(128), torch.rand(128) + 0.5, torch.randn(128)
+    q = QuantLinear.from_linear(lin, QuantConfig(), perm, scale, shift)
+    ref = QuantLinear.from_linear(lin.cpu(), QuantConfig(), perm, scale, shift)
+    for name, t in q.state_dict().items():
+        if torch.is_tensor(t):
+            assert t.is_cuda, name
+            torch.testing.assert_close(t.cpu(), ref.state_dict()[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_casts_keep_float32_buffers(gen, dtype):
+    """model.to(bf16) after patch(): scales, shift and bias stay float32 (exactly: no round
+    trip through the cast dtype), codes keep theirs; the layer's output is unchanged up to the
+    input's rounding."""
+    lin = _linear(128, 48, gen)
+    q = QuantLinear.from_linear(lin, QuantConfig(group_size=64, hadamard_block=64),
+                                torch.randperm(128, generator=gen), torch.rand(128, generator=gen)
+                                + 0.5, torch.randn(128, generator=gen))
+    before = {k: v.clone() for k, v in q.state_dict().items() if torch.is_tensor(v)}
+    uncast = copy.deepcopy(q)
+    nn.Sequential(q).to(dtype)  # through a parent, as model.to() does
+    for k, v in q.state_dict().items():
+        if torch.is_tensor(v):
+            assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    x = torch.randn(9, 128, generator=gen).to(dtype)
+    y = q(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), uncast(x.float()).to(dtype).float(), rtol=1e-2,
+                               atol=1e-2)
+    q.half()
+    assert q.wscale.dtype == torch.float32 and q.bias.dtype == torch.float32
+
+
+def test_failed_load_leaves_the_layer_as_it_was(gen):
+    """A bad perm in a state dict is refused before any buffer is overwritten."""
+    src = QuantLinear.from_linear(_linear(128, 48, gen), QuantConfig(),
+                                  perm=torch.randperm(128, generator=gen))
+    dst = QuantLinear.from_linear(_linear(128, 48, gen), QuantConfig(),
+                                  perm=torch.randperm(128, generator=gen))
+    before = {k: v.clone() for k, v in dst.state_dict().items() if torch.is_tensor(v)}
+    x = torch.randn(5, 128, generator=gen)
+    y = dst(x)
+    sd = src.state_dict()
+    sd["perm"] = sd["perm"].clone()
+    sd["perm"][3] = sd["perm"][4]
+    with pytest.raises(ValueError, match="not a permutation"):
+        dst.load_state_dict(sd)
+    for k, v in dst.state_dict().items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, before[k]), k
+    assert torch.equal(dst(x), y)
