@@ -23,7 +23,6 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ import torch
 
 import clq_triton
 from clq_triton.images import psnr
+from clq_triton.jsonfile import dump_json, locked
 from clq_triton.toy.model import GUIDANCE, WEIGHTS_DIR, calibration_data, load_tiny_dit, sample
 from clq_triton.toy.shapes import (N_CLASSES, accuracy, frechet_distance, image_features,
                                    real_features)
@@ -283,17 +283,13 @@ def save(args, store, made) -> None:
     settings may share one json (e.g. one process per scale mode): under a lock, the file is
     re-read and this run's rows are merged in. ``--fresh`` replaces the file instead."""
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(args.json):
         if not args.fresh and os.path.exists(args.json):
             with open(args.json) as f:
                 store["rows"] = {**json.load(f)["rows"], **made}
         store["updated"] = str(datetime.date.today())
         store["command"] = _command()
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(store, f, indent=1)
-        os.replace(tmp, args.json)
+        dump_json(args.json, store, indent=1)
         write_table(args, store)
 
 

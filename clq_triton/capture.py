@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,12 +53,23 @@ class _Enough(Exception):
     """Raised inside the hook to stop the pipeline once enough samples are recorded."""
 
 
+def spread(calls: int, samples: int) -> list[int]:
+    """``samples`` call indices spread evenly over ``calls`` calls, first and last included
+    (all of them when ``samples >= calls``)."""
+    if samples >= calls:
+        return list(range(calls))
+    if samples == 1:
+        return [0]
+    return sorted({round(i * (calls - 1) / (samples - 1)) for i in range(samples)})
+
+
 def capture_calibration(
     transformer: nn.Module,
     run: Callable[[], Any],
     every: int = 1,
     max_samples: int = 64,
     progress: bool = True,
+    calls: int | None = None,
 ) -> CalibrationData:
     """Record the inputs of ``transformer`` while ``run()`` executes (e.g.
     ``lambda: pipe(prompts, num_inference_steps=20)``).
@@ -65,20 +77,25 @@ def capture_calibration(
     Keeps every ``every``-th call (``every=1``: each sampler step) up to ``max_samples``
     calls, copied to CPU; the pipeline is stopped as soon as ``max_samples`` are held, which
     bounds memory. Call ``run`` with as many steps as the sampler you will use.
+    ``calls``: how many times ``run()`` calls the transformer (e.g. the number of sampler
+    steps); then the ``max_samples`` kept are spread evenly over all of them, first and last
+    step included (``every`` is not used), so calibration sees every part of the schedule.
     """
-    if every < 1 or max_samples < 1:
-        raise ValueError("every and max_samples must be >= 1")
+    if every < 1 or max_samples < 1 or (calls is not None and calls < 1):
+        raise ValueError("every, max_samples and calls must be >= 1")
+    keep = set(spread(calls, max_samples)) if calls is not None else None
+    want = len(keep) if keep is not None else max_samples
     data = CalibrationData()
     seen = 0
-    bar = tqdm(total=max_samples, desc="capture calibration inputs", disable=not progress)
+    bar = tqdm(total=want, desc="capture calibration inputs", disable=not progress)
 
     def hook(module, args, kwargs):
         nonlocal seen
-        if seen % every == 0:
+        if (seen in keep) if keep is not None else seen % every == 0:
             data.samples.append((to_cpu(args), to_cpu(kwargs)))
             bar.update(1)
         seen += 1
-        if len(data.samples) >= max_samples:
+        if len(data.samples) >= want:
             raise _Enough
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
@@ -92,4 +109,8 @@ def capture_calibration(
         bar.close()
     if not data.samples:
         raise RuntimeError("run() never called the transformer: nothing was captured")
+    if keep is not None and len(data.samples) < want:
+        warnings.warn(f"capture_calibration expected {calls} transformer calls but run() "
+                      f"made {seen}: captured {len(data.samples)} of {want} samples",
+                      stacklevel=2)
     return data

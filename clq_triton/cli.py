@@ -128,8 +128,10 @@ def generate(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
 def calibrate_pipeline(pipe, prompts, steps, samples, timer):
     from . import capture_calibration
 
+    # one transformer call per sampler step (diffusers batches classifier-free guidance):
+    # the samples are spread over every step, not the first ones only
     data = capture_calibration(pipe.transformer, lambda: generate(pipe, prompts, steps, seed=1),
-                               max_samples=samples)
+                               max_samples=samples, calls=steps)
     timer.lap(f"captured {len(data)} calibration steps")
     return data
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .jsonfile import write_atomic
 from .kernels.formats import FORMAT_VERSION
 from .quant_linear import QuantLinear
 from .swap import set_submodule
@@ -48,7 +49,7 @@ def save_quantized(model: nn.Module, directory: str) -> None:
     patched = getattr(model, "_clq_patch", {})
     quant = {"quant_method": QUANT_METHOD, "format": FORMAT_VERSION,
              "clq_triton_version": __version__, "method": patched.get("method"),
-             "config": patched.get("config"),
+             "config": patched.get("config"), "torch_dtype": _model_dtype(model, layers),
              "layers": {n: _layer_spec(m) for n, m in layers.items()}}
     model_config = getattr(model, "config", None)
     config = dict(model_config) if model_config is not None else {}
@@ -58,8 +59,8 @@ def save_quantized(model: nn.Module, directory: str) -> None:
 
         config.setdefault("_diffusers_version", diffusers.__version__)
     config["quantization_config"] = quant
-    _atomic_write(os.path.join(directory, WEIGHTS), lambda p: save_file(state, p))
-    _atomic_write(os.path.join(directory, CONFIG),
+    write_atomic(os.path.join(directory, WEIGHTS), lambda p: save_file(state, p))
+    write_atomic(os.path.join(directory, CONFIG),
                   lambda p: open(p, "w").write(json.dumps(config, indent=1, default=_jsonable)))
 
 
@@ -79,6 +80,9 @@ def load_quantized(directory: str, model: nn.Module | None = None,
     state = _read_weights(directory)
     if model is None:
         model = _build(config, os.path.join(directory, CONFIG))
+        dtype = quant.get("torch_dtype")
+        if dtype is not None:  # non-persistent buffers (position embeddings, rope tables)
+            model.to(_dtype(dtype, os.path.join(directory, CONFIG)))  # as the saved model
     elif type(model).__name__ != config.get("_class_name"):
         raise ValueError(f"checkpoint {directory} is for {config.get('_class_name')}, "
                          f"got {type(model).__name__}")
@@ -122,6 +126,23 @@ def load_quantized(directory: str, model: nn.Module | None = None,
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _model_dtype(model: nn.Module, layers: dict[str, QuantLinear]) -> str | None:
+    """The dtype of most of the model's floating parameters outside its QuantLinears (the
+    dtype it was cast to), as a name ("bfloat16"); None when it has none."""
+    sizes: dict[torch.dtype, int] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not any(name.startswith(n + ".") for n in layers):
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return str(max(sizes, key=sizes.get)).removeprefix("torch.") if sizes else None
+
+
+def _dtype(name: str, path: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{path}: torch_dtype {name!r} is not a floating dtype")
+    return dtype
 
 
 def _layer_spec(m: QuantLinear) -> dict:
@@ -211,16 +232,6 @@ def _build(config: dict, path: str) -> nn.Module:
                          "the model to load into: load_quantized(directory, model)")
     cfg = {k: v for k, v in config.items() if k != "quantization_config"}
     return cls.from_config(cfg)
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _jsonable(obj):

@@ -311,3 +311,40 @@ def test_calibration_and_patch_of_a_cuda_model(method):
         err = model_error(model, fp, data, "cuda")
     assert err < 0.5
 
+
+
+def test_capture_spreads_samples_over_every_step():
+    """calls=: the samples are spread over the whole run, first and last step included."""
+    from clq_triton.capture import spread
+
+    assert spread(20, 8) == [0, 3, 5, 8, 11, 14, 16, 19]
+    assert spread(3, 8) == [0, 1, 2] and spread(9, 1) == [0]
+    pipe = dit_pipeline(seed=2, layers=1)
+    steps = []
+    h = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: steps.append(int(kw["timestep"].flatten()[0])), with_kwargs=True)
+    sample(pipe, [0], steps=6)
+    h.remove()
+    data = clq_triton.capture_calibration(pipe.transformer, lambda: sample(pipe, [0], steps=6),
+                                          max_samples=3, calls=6, progress=False)
+    got = [int(kw["timestep"].flatten()[0]) for _, kw in data.samples]
+    assert got == [steps[0], steps[2], steps[5]]
+    with pytest.warns(UserWarning, match="expected 9 transformer calls but run\\(\\) made 6"):
+        clq_triton.capture_calibration(pipe.transformer, lambda: sample(pipe, [0], steps=6),
+                                       max_samples=3, calls=9, progress=False)
+
+
+def test_cli_calibration_sees_the_last_sampler_steps():
+    """clq-triton quantize --steps 6 --calib-samples 3 calibrates on steps 0, 2 and 5, not on
+    the first three only (the late, low-noise steps were never seen)."""
+    from clq_triton import cli
+
+    pipe = dit_pipeline(seed=2, layers=1)
+    steps = []
+    h = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: steps.append(int(kw["timestep"].flatten()[0])), with_kwargs=True)
+    cli.generate(pipe, ["1"], 6, seed=1)
+    h.remove()
+    data = cli.calibrate_pipeline(pipe, ["1"], 6, 3, cli.Timer())
+    assert [int(kw["timestep"].flatten()[0]) for _, kw in data.samples] == \
+        [steps[0], steps[2], steps[5]]

@@ -80,3 +80,57 @@ def test_group_modes_keep_both_accumulators_within_128_registers():
     assert wide.fitted(4096, 128, 4, 4, 90).BN == 128
     assert wide.fitted(4096, 128, 4, 4).BN == 256  # no arch: the interpreter's config path
     assert table_config(80, 4096).fitted(4096, 128, 4, 4, 80).BN == 64
+
+
+_CHILD = """
+import os, sys, time
+from clq_triton.kernels import tuning
+from clq_triton.kernels.tuning import GemmConfig
+cfgs = [GemmConfig(64, 64, 64, 4, 2), GemmConfig(128, 64, 64, 4, 2)]
+open(sys.argv[1] + "." + sys.argv[2] + ".ready", "w").close()
+while not os.path.exists(sys.argv[1] + ".go"):  # start together
+    time.sleep(0.01)
+for i in range(40):
+    tuning.tuned_config(sys.argv[1], f"{sys.argv[2]}-{i}", cfgs, lambda c: float(c.BM))
+"""
+
+
+def test_processes_tuning_different_shapes_keep_each_others_entries(fresh_cache):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    tags = ("a", "b", "c")
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, fresh_cache, t]) for t in tags]
+    deadline = time.time() + 120
+    while not all(os.path.exists(f"{fresh_cache}.{t}.ready") for t in tags):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    open(fresh_cache + ".go", "w").close()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    keys = set(json.load(open(fresh_cache)))
+    assert keys == {f"{t}-{i}" for t in tags for i in range(40)}
+
+
+def test_threads_tuning_at_once_neither_fail_nor_lose_entries(fresh_cache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfgs = [GemmConfig(64, 64, 64, 4, 2), GemmConfig(128, 64, 64, 4, 2)]
+    keys = [f"k{i % 60}" for i in range(240)]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda k: tuning.tuned_config(fresh_cache, k, cfgs,
+                                                          lambda c: float(c.BM)), keys))
+    assert got == [cfgs[0]] * 240
+    assert set(json.load(open(fresh_cache))) == set(keys)
+
+
+def test_an_unwritable_cache_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "_tuned", {})
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    path = str(blocker / "gemm.json")  # its folder cannot be created
+    cfg = GemmConfig(64, 64, 64, 4, 2)
+    with pytest.warns(UserWarning, match="could not save the tuned GEMM config"):
+        assert tuning.tuned_config(path, "k", [cfg], lambda c: 1.0) == cfg
+    assert tuning.tuned_config(path, "k", [cfg], lambda c: 1 / 0) == cfg  # kept in memory

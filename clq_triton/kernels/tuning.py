@@ -19,9 +19,13 @@ import functools
 import json
 import os
 import re
+import threading
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
+
+from ..jsonfile import merge_json
 
 # Shared memory a block may use (the driver's limit, bytes) per compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
@@ -135,6 +139,7 @@ def autotune_space(arch: int) -> tuple[GemmConfig, ...]:
 
 _autotune = os.environ.get("CLQ_AUTOTUNE", "0") not in ("", "0")
 _tuned: dict[str, dict[str, GemmConfig]] = {}  # cache file → key → config
+_tuned_lock = threading.Lock()
 
 
 def set_autotune(on: bool) -> None:
@@ -176,30 +181,49 @@ def tuned_configs(device: torch.device) -> dict[str, GemmConfig]:
     return dict(_tuned_for(cache_file(device)))
 
 
+def _parse(path: str, data: dict) -> dict[str, GemmConfig]:
+    try:
+        return {k: GemmConfig(**v) for k, v in data.items()}
+    except (AttributeError, TypeError) as e:
+        raise RuntimeError(f"cannot read the tuned-config cache {path}: {e}; delete the file "
+                           "to tune again") from e
+
+
 def _tuned_for(path: str) -> dict[str, GemmConfig]:
-    if path not in _tuned:
-        _tuned[path] = {}
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    _tuned[path] = {k: GemmConfig(**v) for k, v in json.load(f).items()}
-            except (OSError, ValueError, TypeError) as e:
-                raise RuntimeError(f"cannot read the tuned-config cache {path}: {e}; "
-                                   "delete the file to tune again") from e
-    return _tuned[path]
+    with _tuned_lock:
+        if path not in _tuned:
+            data = {}
+            if os.path.exists(path):
+                try:
+                    with open(path) as f:
+                        data = json.load(f)
+                except (OSError, ValueError) as e:
+                    raise RuntimeError(f"cannot read the tuned-config cache {path}: {e}; "
+                                       "delete the file to tune again") from e
+            _tuned[path] = _parse(path, data)
+        return _tuned[path]
 
 
-def _save(path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({k: asdict(v) for k, v in _tuned[path].items()}, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+def _save(path: str, key: str, cfg: GemmConfig) -> None:
+    """Add one entry to the cache file: merged under a lock with what other processes wrote
+    (whose entries this process then knows too). A cache that cannot be written costs a
+    warning, never the GEMM call."""
+    try:
+        merged = merge_json(path, lambda old: {**old, key: asdict(cfg)}, indent=1,
+                            sort_keys=True)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"clq_triton: could not save the tuned GEMM config to {path} ({e}); it "
+                      "is kept for this process only (set CLQ_CACHE_DIR to a writable folder)",
+                      stacklevel=4)
+        return
+    with _tuned_lock:
+        _tuned[path].update(_parse(path, merged))
 
 
 def tuned_config(path: str, key: str, candidates, bench) -> GemmConfig:
     """The config cached in ``path`` for ``key``, or the fastest candidate by
-    ``bench(cfg) -> ms`` (candidates that fail to compile or launch are skipped)."""
+    ``bench(cfg) -> ms`` (candidates that fail to compile or launch are skipped). Safe to
+    call from several threads and processes at once."""
     known = _tuned_for(path)
     if key in known:
         return known[key]
@@ -213,6 +237,7 @@ def tuned_config(path: str, key: str, candidates, bench) -> GemmConfig:
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError(f"no GEMM config could run for {key}")
-    known[key] = best
-    _save(path)
+    with _tuned_lock:
+        known[key] = best
+    _save(path, key, best)
     return best
