@@ -33,3 +33,70 @@ def test_aligned_copies_only_odd_views():
     assert fixed is not odd and torch.equal(fixed, odd)
     assert fixed.data_ptr() % 16 == 0 and fixed.stride(0) % 16 == 0
     assert _runtime.aligned(None) is None
+
+
+class _GuardProbe:
+    """Stands in for a launcher's device_guard and its Triton kernel: records, at each
+    kernel launch, the device of the guard that is open (None: launched unguarded)."""
+
+    def __init__(self):
+        self.open: list = []
+        self.launches: list = []
+
+    def guard(self, t):
+        probe = self
+
+        class _Ctx:
+            def __enter__(self):
+                probe.open.append(t.device)
+
+            def __exit__(self, *exc):
+                probe.open.pop()
+
+        return _Ctx()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append(self.open[-1] if self.open else None)
+
+
+def test_every_kernel_launch_runs_under_its_inputs_device_guard(monkeypatch):
+    """Triton launches on the current CUDA device; each launcher must make its input's device
+    current first. Without a GPU: every launch of both kernels happens inside the launcher's
+    device_guard, opened for the input's device (remove a guard and this fails)."""
+    from clq_triton.kernels import gemm
+    from clq_triton.kernels import rotate_quantize as rq
+
+    probe = _GuardProbe()
+    for mod, kernel in ((rq, "_rotate_quantize_kernel"), (gemm, "_quant_matmul_kernel")):
+        monkeypatch.setattr(mod, "device_guard", probe.guard)
+        monkeypatch.setattr(mod, kernel, probe)
+    x = torch.randn(8, 128)
+    with clq_triton.backend("triton"):
+        for group in (None, 64):  # per token: two launches (phases); per group: one
+            xq, xs = rq.rotate_quantize(x, None, 64, group, 4)
+            wq, ws = rq.rotate_quantize(torch.randn(16, 128), None, 64, group, 4)
+            wz = torch.ones(16, 2, dtype=torch.uint8) if group else None
+            gemm.quant_matmul(xq, xs, wq, ws[:, 0].contiguous(), wz, None, 4, 4, group)
+    assert len(probe.launches) >= 6 and set(probe.launches) == {x.device}
+
+
+def test_device_guard_is_a_no_op_on_the_cpu():
+    with _runtime.device_guard(torch.zeros(1)):
+        pass
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_layer_on_the_second_gpu_runs_there_while_the_first_is_current():
+    from clq_triton import QuantConfig, QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    ref = QuantLinear.from_linear(lin, QuantConfig())
+    x = torch.randn(33, 128)
+    with clq_triton.backend("torch"):
+        want = ref(x)
+    q = QuantLinear.from_linear(lin, QuantConfig()).to("cuda:1")
+    torch.cuda.set_device(0)
+    got = q(x.to("cuda:1"))
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)

@@ -66,6 +66,13 @@ def use_triton(t: torch.Tensor) -> bool:
     return _backend == "triton"
 
 
+def device_guard(t: torch.Tensor):
+    """The context to launch a kernel on ``t``'s data in: its CUDA device made current
+    (Triton launches on the current device, whatever device the pointers belong to: on a
+    model spread over GPUs that reads another GPU's memory or crashes); a no-op on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
     """Raise TypeError/ValueError unless ``t`` is fp16/bf16/fp32 with ``ndim`` dims."""
     if not isinstance(t, torch.Tensor):

@@ -35,6 +35,7 @@ from ._runtime import (
     check_out,
     check_same_device,
     check_tensor,
+    device_guard,
     interpreter_on,
     use_triton,
 )
@@ -304,4 +305,5 @@ def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
             c.stride(0), bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **constexprs(a_bits, w_bits, group_size, cfg))
 
-    launch(_config(xq, m, n, k, a_bits, w_bits, group_size, launch))
+    with device_guard(xq):
+        launch(_config(xq, m, n, k, a_bits, w_bits, group_size, launch))

@@ -44,6 +44,7 @@ from ._runtime import (
     check_float,
     check_out,
     check_same_device,
+    device_guard,
     interpreter_on,
     use_triton,
 )
@@ -442,9 +443,11 @@ def _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, cli
         s.copy_(scales)
     elif x.shape[0]:
         # the specialization contract (ALIGNED): copies only for odd views
-        _launch(aligned(x, rows=True), aligned(perm.to(torch.int32)) if perm is not None else None,
-                block, group_size, bits, clip, q, s, aligned(channel_shift),
-                aligned(channel_scale), packed)
+        with device_guard(x):
+            _launch(aligned(x, rows=True),
+                    aligned(perm.to(torch.int32)) if perm is not None else None, block,
+                    group_size, bits, clip, q, s, aligned(channel_shift),
+                    aligned(channel_scale), packed)
 
 
 def _output_shapes(x, group_size, bits, packed):
