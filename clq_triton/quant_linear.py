@@ -18,6 +18,7 @@ from .kernels.formats import (
 )
 from .kernels.hadamard import check_block, check_perm, rotate_ref
 from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
+from .kernels.rotate_quantize import prepare as prepare_rotation
 
 
 # Buffers that stay float32 through dtype casts of the module (QuantLinear._apply).
@@ -87,6 +88,7 @@ class QuantLinear(nn.Module):
                              if has_channel_shift else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.register_buffer("qweight_int8", None, persistent=False)
+        prepare_rotation(config.hadamard_block, self.qweight.device)
 
     @classmethod
     def from_linear(
@@ -188,6 +190,7 @@ class QuantLinear(nn.Module):
         for n, t in kept.items():
             moved = fn(t)
             self._buffers[n] = moved if moved.dtype == torch.float32 else t.to(moved.device)
+        prepare_rotation(self.config.hadamard_block, self.qweight.device)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -244,6 +247,7 @@ class QuantLinear(nn.Module):
                 f"{cfg.name} g{cfg.group_size} layer, this layer is {self.in_features}→"
                 f"{self.out_features} {self.config.name} g{self.config.group_size}")
         self.config = cfg
+        prepare_rotation(cfg.hadamard_block, self.qweight.device)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -93,3 +93,99 @@ def test_cuda_graph_captures_a_patched_forward(gen):
             got = output(model, inputs)
         graph.replay()
     torch.testing.assert_close(got, want)
+
+
+def test_a_built_layer_allocates_nothing_that_outlives_a_call(gen):
+    """Under CUDA-graph capture every tensor a call allocates comes from the graph's pool; one
+    kept past the call (the ±1 Hadamard tile, built lazily on the first call before) is reused
+    and overwritten by later replays. So a QuantLinear makes what it keeps when it is built or
+    moved. Without a GPU: every tensor made during its first call (any ATen op, through the
+    launchers' eager path) is freed once the output is, in each rotation mode. The launcher's
+    caches are cleared before the layer is built, so a lazily built tile would be built here."""
+    import gc
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import clq_triton.kernels.gemm as gm
+    import clq_triton.kernels.rotate_quantize as rq
+
+    class Made(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.refs.append(weakref.ref(t))
+            return out
+
+    def call(q, x):  # QuantLinear.forward's two steps, eagerly (out=: not the custom ops)
+        c = q.config
+        xq = torch.empty(x.shape[0], 128, dtype=torch.uint8)
+        xs = torch.empty(x.shape[0], 256 // (c.group_size or 256))
+        rq.rotate_quantize(x, q.perm, c.hadamard_block, c.group_size, 4, out=(xq, xs),
+                           check_perm_values=False)
+        y = torch.empty(x.shape[0], q.out_features)
+        gm.quant_matmul(xq, xs, q.qweight, q.wscale, q.wgroup, q.bias, 4, 4, c.group_size,
+                        torch.float32, out=y)
+        return y
+
+    for block, group in ((32, 64), (128, 128), (256, None), (64, None)):
+        for obj in vars(rq).values():
+            if hasattr(obj, "cache_clear"):
+                obj.cache_clear()
+        q = QuantLinear.from_linear(nn.Linear(256, 32), QuantConfig(group_size=group,
+                                                                    hadamard_block=block))
+        x = torch.randn(5, 256, generator=gen)
+        made = Made()
+        with clq_triton.backend("triton"), made:
+            y = call(q, x)
+        del y
+        gc.collect()
+        alive = [r() for r in made.refs if r() is not None]
+        assert alive == [], f"block {block}: {[tuple(t.shape) for t in alive]} kept"
+
+
+def test_inductor_compiles_a_patched_transformer_without_recompiles(gen):
+    """torch.compile with the inductor backend (C++ on CPU) and fullgraph=True: the output is
+    eager's, and new timesteps (sampler steps) reuse the compiled graph."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model, inputs = MODELS["pixart"](gen)
+    model = model.eval()
+    clq_triton.patch(model, QuantConfig(group_size=None), progress=False)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        for t in (999, 500, 21):
+            step = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
+            torch.testing.assert_close(output(compiled, step), output(model, step),
+                                       rtol=1e-5, atol=1e-5)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_reduce_overhead_on_a_freshly_loaded_checkpoint(tmp_path, gen):
+    """torch.compile(mode="reduce-overhead") straight after load_quantized, with no eager
+    warm-up: the first call is the CUDA-graph warm-up (nothing the launchers keep may come from
+    its pool), and replays give eager's output across timesteps without recompiling."""
+    model, inputs = MODELS["pixart"](gen)
+    clq_triton.patch(model.eval(), QuantConfig(group_size=None), progress=False)
+    clq_triton.save_quantized(model, str(tmp_path))
+    loaded = clq_triton.load_quantized(str(tmp_path), device="cuda")
+    eager = clq_triton.load_quantized(str(tmp_path), device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(loaded, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        for t in (999, 500, 21, 999):
+            step = {k: v.cuda() if torch.is_tensor(v) else v
+                    for k, v in {**inputs,
+                                 "timestep": torch.full_like(inputs["timestep"], t)}.items()}
+            got = output(compiled, step).clone()
+            torch.testing.assert_close(got, output(eager, step), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()

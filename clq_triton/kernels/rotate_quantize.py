@@ -13,7 +13,8 @@ columns by bit 5 splits the block-diagonal Sylvester Hadamard H too:
   over T/2 columns);
 - blocks ≥ 64 do, as one butterfly: with P = x_lo·H'' and Q = x_hi·H'' (H'' = blocks of half
   the size), y_lo = P + Q and y_hi = P − Q.
-H' / H'' is a ±1 float32 tile held once in global memory (``_hadamard_tile``), loaded once
+H' / H'' is a ±1 float32 tile held once per device in global memory (``_hadamard_tile``, made
+ahead of the first call by :func:`prepare`, e.g. when a QuantLinear is built), loaded once
 per program and applied with tensor-core dots: tf32 for plain fp16/bf16 inputs (their values
 are exact in tf32, the ±1 entries too, accumulation is fp32). fp32 inputs and inputs shifted or
 scaled per channel first are not exact in tf32 (plain tf32 cost 5e-4 relative error on an
@@ -352,6 +353,21 @@ def _hadamard_tile(half: int, h_block: int, device: torch.device) -> torch.Tenso
     """±1 float32 [half, half]: block-diagonal Sylvester Hadamard with blocks of h_block."""
     h = hadamard_matrix(h_block, torch.float32)
     return torch.block_diag(*([h] * (half // h_block))).to(device).contiguous()
+
+
+def prepare(block: int | None, device: torch.device) -> None:
+    """Build now the ±1 tile the kernel loads for Hadamard ``block`` on ``device`` (kept, one
+    per device and tile). The launcher would build it on its first call; under CUDA-graph
+    capture (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``) that first
+    call allocates from the graph's pool and copies from pageable host memory, which breaks
+    the capture. QuantLinear calls this when it is built, moved or loaded."""
+    device = torch.device(device)
+    if block is None or device.type == "meta":
+        return
+    p = plan(torch.float32, block, None, 4)  # T and the tile depend on the block only
+    c = p["constexprs"]
+    if c["ROT"]:
+        _hadamard_tile(c["T"] // 2, p["h_block"], device)
 
 
 @functools.lru_cache(maxsize=None)
