@@ -354,3 +354,33 @@ def test_rotate_quantize_rejects_wrong_out_perm_and_channel_scale():
         rotate_quantize(x, None, None, 64, 4, channel_shift=torch.zeros(64))
     with pytest.raises(ValueError, match="multiple of the Hadamard block"):
         rotate_quantize(torch.zeros(4, 192), None, 128, None, 4)
+
+
+def test_torch_backend_forward_reads_nothing_back(gen):
+    """The PyTorch reference path (the "torch" backend, also on CUDA) handles NaN/Inf without
+    reading a tensor back to the host: on a GPU each read-back is a sync per layer and forbids
+    CUDA graphs. Checked on the CPU at the dispatcher: no scalar is read during a forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import clq_triton
+
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense,
+                                       torch.ops.aten.is_nonzero, torch.ops.aten.item):
+                reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    from clq_triton.kernels.rotate_quantize import rotate_quantize
+
+    for group in (None, 64):
+        x = torch.randn(4, 128, generator=gen)
+        x[1, 5] = float("nan")
+        out = (torch.empty(4, 64, dtype=torch.uint8), torch.empty(4, 128 // (group or 128)))
+        with clq_triton.backend("torch"), Reads():  # out=: the path itself, not the operator
+            rotate_quantize(x, torch.randperm(128, generator=gen), 64, group, 4, out=out,
+                            check_perm_values=False)
+        assert reads == [], reads
+        assert torch.isnan(out[1][1]).any() and torch.isfinite(out[1][[0, 2, 3]]).all()

@@ -123,9 +123,9 @@ def test_a_built_layer_allocates_nothing_that_outlives_a_call(gen):
             return out
 
     def call(q, x):  # QuantLinear.forward's two steps, eagerly (out=: not the custom ops)
-        c = q.config
-        xq = torch.empty(x.shape[0], 128, dtype=torch.uint8)
-        xs = torch.empty(x.shape[0], 256 // (c.group_size or 256))
+        c, k = q.config, x.shape[1]
+        xq = torch.empty(x.shape[0], k // 2, dtype=torch.uint8)
+        xs = torch.empty(x.shape[0], k // (c.group_size or k))
         rq.rotate_quantize(x, q.perm, c.hadamard_block, c.group_size, 4, out=(xq, xs),
                            check_perm_values=False)
         y = torch.empty(x.shape[0], q.out_features)
@@ -133,13 +133,16 @@ def test_a_built_layer_allocates_nothing_that_outlives_a_call(gen):
                         torch.float32, out=y)
         return y
 
-    for block, group in ((32, 64), (128, 128), (256, None), (64, None)):
-        for obj in vars(rq).values():
+    import clq_triton.kernels.hadamard as hd
+
+    for block, group, k in ((32, 64, 256), (128, 128, 256), (256, None, 256), (64, None, 256),
+                            (512, None, 1024)):  # 512: the launcher's outer factor too
+        for obj in (*vars(rq).values(), *vars(hd).values()):
             if hasattr(obj, "cache_clear"):
                 obj.cache_clear()
-        q = QuantLinear.from_linear(nn.Linear(256, 32), QuantConfig(group_size=group,
-                                                                    hadamard_block=block))
-        x = torch.randn(5, 256, generator=gen)
+        q = QuantLinear.from_linear(nn.Linear(k, 32), QuantConfig(group_size=group,
+                                                                  hadamard_block=block))
+        x = torch.randn(5, k, generator=gen)
         made = Made()
         with clq_triton.backend("triton"), made:
             y = call(q, x)

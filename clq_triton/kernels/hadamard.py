@@ -11,6 +11,7 @@ Conventions (used by every kernel, module and test in the package):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -81,14 +82,22 @@ def _block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     return y.reshape(*lead, k) * (1.0 / math.sqrt(block))
 
 
+@functools.lru_cache(maxsize=None)
+def outer_factor(outer: int, device: torch.device) -> torch.Tensor:
+    """H_outer / sqrt(outer), float32 [outer, outer], kept per device (built ahead of a
+    CUDA-graph capture by ``rotate_quantize.prepare``)."""
+    return hadamard_matrix(outer, torch.float32, device) * (1.0 / math.sqrt(outer))
+
+
 def apply_outer_hadamard(x: torch.Tensor, block: int, inner: int) -> torch.Tensor:
     """x·(H_outer ⊗ I_inner) with outer = block / inner, normalized by 1/sqrt(outer): the
-    kernel then applies the inner factor (H_block = H_outer ⊗ H_inner). Returns float32."""
+    kernel then applies the inner factor (H_block = H_outer ⊗ H_inner). Returns float32.
+    One batched matmul with the cached factor (H is symmetric):
+    y[..., c, :] = Σ_a H[c, a]·x[..., a, :]."""
     k = x.shape[-1]
     outer = block // inner
-    h_out = hadamard_matrix(outer, torch.float32, x.device) * (1.0 / math.sqrt(outer))
     xs = x.reshape(*x.shape[:-1], k // block, outer, inner).float()
-    return torch.einsum("...ab,ac->...cb", xs, h_out).reshape(x.shape)
+    return torch.matmul(outer_factor(outer, x.device), xs).reshape(x.shape)
 
 
 def rotate_ref(

@@ -52,17 +52,13 @@ def quantize_ref(
     ng = n_groups(group_size, k)
     g = x.float().reshape(*x.shape[:-1], ng, k // ng)
     amax = g.abs().amax(dim=-1)  # NaN and Inf propagate into the group max
+    # branch-free (no read-back, so no device sync and nothing a CUDA graph cannot hold)
     bad = ~torch.isfinite(amax)
-    any_bad = bool(bad.any())
-    if any_bad:
-        amax = torch.where(bad, 0.0, amax)
-    scale = (amax * mult).to(scale_dtype).float()
+    scale = (torch.where(bad, 0.0, amax) * mult).to(scale_dtype).float()
     if scale_dtype != torch.float32 and bool(torch.isinf(scale).any()):
         raise OverflowError(f"a group scale overflows {scale_dtype}: values too large to store")
-    codes = _round_codes(g, scale.unsqueeze(-1), qmax)
-    if any_bad:
-        codes = torch.where(bad.unsqueeze(-1), 0.0, codes)
-        scale = torch.where(bad, float("nan"), scale)
+    codes = torch.where(bad.unsqueeze(-1), 0.0, _round_codes(g, scale.unsqueeze(-1), qmax))
+    scale = torch.where(bad, float("nan"), scale)
     return codes.to(torch.int8).reshape(x.shape), scale.to(scale_dtype)
 
 

@@ -65,6 +65,7 @@ from .hadamard import (
     check_block,
     check_perm,
     hadamard_matrix,
+    outer_factor,
     rotate_unchecked,
 )
 from .quantize import quantize_ref, scale_multiplier
@@ -364,6 +365,8 @@ def prepare(block: int | None, device: torch.device) -> None:
     device = torch.device(device)
     if block is None or device.type == "meta":
         return
+    if block > MAX_KERNEL_BLOCK:  # and the outer factor the launcher applies
+        outer_factor(block // MAX_KERNEL_BLOCK, device)
     p = plan(torch.float32, block, None, 4)  # T and the tile depend on the block only
     c = p["constexprs"]
     if c["ROT"]:
