@@ -78,3 +78,32 @@ def pixart_model(full: bool, device, dtype, seed: int = 0):
         timestep=torch.tensor([500], device=device),
         added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     return model, inputs
+
+
+def flux_model(full: bool, device, dtype, blocks: int = 19, batch: int = 2, seed: int = 0):
+    """(model, inputs): a FLUX.1-sized transformer (hidden 3072 = 24 heads × 128, ``blocks``
+    double-stream blocks and 2 × ``blocks`` single-stream ones — 19 and 38 in FLUX.1 —,
+    4096 image + 512 text tokens, batch 2 as a classifier-free-guidance pair; random weights)
+    when ``full``, else a toy of the same class (1 + 2 blocks, 16 + 6 tokens)."""
+    from diffusers import FluxTransformer2DModel
+
+    if full:
+        cfg = dict(num_layers=blocks, num_single_layers=2 * blocks, attention_head_dim=128,
+                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                   in_channels=64, axes_dims_rope=(16, 56, 56))
+        tokens, text = 4096, 512
+    else:
+        cfg = dict(num_layers=1, num_single_layers=2, attention_head_dim=32,
+                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                   in_channels=16, axes_dims_rope=(8, 12, 12))
+        tokens, text = 16, 6
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(patch_size=1, **cfg).to(device, dtype).eval()
+    c, j, p = cfg["in_channels"], cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
+    inputs = dict(
+        hidden_states=torch.randn(batch, tokens, c, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, text, j, device=device, dtype=dtype),
+        pooled_projections=torch.randn(batch, p, device=device, dtype=dtype),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=torch.zeros(tokens, 3, device=device), txt_ids=torch.zeros(text, 3, device=device))
+    return model, inputs

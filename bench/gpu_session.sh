@@ -2,8 +2,9 @@
 # A whole GPU session in one command (device time is scarce; compiling is most of it):
 #   1. compile every kernel that gpu_check.py will launch, in parallel processes (Triton's disk
 #      cache keeps them), while the whole test suite runs on the GPU (pytest -n);
-#   2. run gpu_check.py alone on the GPU, so its timings are not disturbed, then
-#      bench/rotate_probe.py (bf16).
+#   2. run bench/profile_forward.py (where a PixArt-Σ- and a FLUX-sized forward spend their
+#      time, eager and CUDA-graph-replayed), then gpu_check.py, each alone on the GPU so its
+#      timings are not disturbed, then bench/rotate_probe.py (bf16).
 # AUTOTUNE=1 adds gpu_check's --autotune (the shipped GEMM table vs autotuned picks; about
 # 5 more minutes on an H100, and its picks did not reproduce on 2026-11-27): off by default.
 # Usage, on a CUDA machine from the repository root (wheels in .whl/ are installed first):
@@ -64,7 +65,12 @@ if [ -n "${TESTS:-}" ]; then
 fi
 tar czf "$OUT/warm-logs.tgz" -C "$WARM" . 2>/dev/null
 
-echo "== phase 2: gpu_check alone ($(date -u +%T))"
+echo "== phase 2: where the forward's time goes, then gpu_check, alone ($(date -u +%T))"
+if [ -z "${SMOKE:-}" ]; then  # bf16 vs W4A4 vs W8A8, eager and CUDA graphs, by op family
+  timeout "${PROFILE_S:-240}" $PY bench/profile_forward.py --budget "${PROFILE_BUDGET:-200}" \
+    --out "${RESULTS:-bench/results}" > "$OUT/profile-forward.log" 2>&1
+  echo "profile exit $?"; tail -3 "$OUT/profile-forward.log"
+fi
 CLQ_CACHE_DIR="$OUT/tuned" $PY bench/gpu_check.py $SMOKE_ARG $AT \
   --budget "${CHECK_BUDGET:-170}" --out "${RESULTS:-bench/results}"
 if [ -z "${SMOKE:-}" ]; then  # rotate+quantize per tile rows / warps / precision

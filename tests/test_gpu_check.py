@@ -71,3 +71,24 @@ def test_rotate_probe_runs_and_summarizes(kernel_device, monkeypatch, capsys):
     line = next(t for t in table if t.startswith("| bf16 | 64 | 64 | True |"))
     assert "| 0.700 | 0.600 | prec=tf32x3 |" in line
     assert table[-1].endswith("1 failed or wrong")
+
+
+def test_profile_forward_smoke(tmp_path):
+    """bench/profile_forward.py, the first measurement of a GPU session: its --smoke mode runs
+    every model and mode on the CPU and writes its table."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_forward.py"),
+                          "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (js,) = tmp_path.glob("profile-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["model"], r["mode"]) for r in rows} == {
+        (m, k) for m in ("pixart", "flux") for k in ("bf16", "w4a4", "w4a4-int8", "w8a8")}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["eager_ms"] > 0 and r["family_ms"], r
+        if r["mode"] != "bf16":
+            assert r["quant_calls"] > 0 and r["host_us_per_quant_call"] > 0, r
+            assert r["rel_err_vs_bf16"] < (0.01 if r["mode"] == "w8a8" else 0.2), r
+            assert r["family_ms"].get("activation pass", 0) > 0, r
+    assert (tmp_path / js.name.replace(".json", ".md")).read_text().startswith("# Forward profile")
