@@ -13,7 +13,9 @@ go on; sections are skipped once --budget seconds have passed):
 3. rotate+quantize GB/s vs a copy;
 4. QuantLinear vs nn.Linear;
 5. a PixArt-Σ-sized transformer (28 blocks, hidden 1152, 4096 image tokens, random weights):
-   FP bf16 vs W4A4 / W8A8, time, peak memory, first-call time, output error.
+   FP bf16 vs W4A4 / W8A8, time, peak memory, first-call time, output error;
+6. CLQ calibration of that transformer on the GPU: wall time and peak memory.
+Section 3 also times QuaRot's Hadamard block for each K (512 … 4096: the outer factor).
 Sections 1, 4 and 5 also run 4-bit layers with int8 operands (``use_int8_operands``).
 Writes ``<out>/gpu-check-<device>-<date>.json`` and ``.md`` (device, versions, commit).
 """
@@ -118,7 +120,7 @@ MODES = ((4, 4, None), (4, 4, 128), (4, 4, 64), (4, 8, None), (4, 8, 128), (8, 8
          (8, 8, 128))  # (w_bits, a_bits, group)
 
 
-SECTIONS = ("correctness", "gemm", "rotate", "linear", "pixart")
+SECTIONS = ("correctness", "gemm", "rotate", "linear", "pixart", "calibration")
 
 
 def mode_name(w, a, g):
@@ -158,6 +160,7 @@ def main(argv=None):
     from clq_triton.kernels.quantize import quantize_ref, quantize_weight_ref
     from clq_triton.kernels.formats import pack_codes
     from clq_triton.kernels.rotate_quantize import rotate_quantize
+    from clq_triton.methods import fit_hadamard_block
 
     ms = timer(cuda)
     info = env_info(dev)
@@ -290,7 +293,8 @@ def main(argv=None):
             row = dict(section="rotate", M=m, K=k,
                        copy_GBps=round(2 * x.numel() * x.element_size() / copy_ms / 1e6, 1))
             perm = torch.randperm(k, device=dev)
-            for block in (None, 64, 128):
+            quarot = fit_hadamard_block(k, 1 << (k.bit_length() - 1))  # QuaRot's block for K
+            for block in (None, 64, 128) + ((quarot,) if quarot > 128 else ()):
                 for group in (None, 128, 64):
                     fn = lambda: rotate_quantize(x, perm, block, group, 4)  # noqa: E731
                     t = ms(fn)
@@ -373,13 +377,42 @@ def main(argv=None):
             log(section="pixart", **r)
             del q
 
+    @sec("calibration")
+    def calibration():
+        """CLQ calibration of the PixArt-Σ-sized transformer on the GPU (2 samples, a 2 × 2
+        clip grid): wall time and peak GPU memory."""
+        from bench_utils import pixart_model
+
+        from clq_triton import CLQ, CalibrationData
+
+        model, inputs = pixart_model(not args.smoke, dev, dtype)
+        blocks = len(model.transformer_blocks)
+        data = CalibrationData.from_inputs([
+            {**inputs, "timestep": torch.tensor([t], device=dev)} for t in (999, 400)])
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        report = patch(model, "w4a4", CLQ(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9)), data,
+                       progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        log(section="calibration", method="clq w4a4, grid 2x2", blocks=blocks, samples=len(data),
+            tokens=inputs["hidden_states"].shape[-1] ** 2 // 4, layers=len(report.quantized),
+            seconds=round(seconds, 2), s_per_block=round(seconds / blocks, 3),
+            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+            fp_weights_gib=round(weights / 2**30, 3))
+
     def tuned_cfg(m, n, k, a_bits, w_bits, group):
         """The autotuner's pick for one GEMM (from its per-GPU cache)."""
         d = torch.device(dev, torch.cuda.current_device())
         key = tuning.autotune_key(tuning.device_arch(d), w_bits, a_bits, group, m, n, k)
         return str(tuning.tuned_configs(d).get(key))
 
-    steps = dict(correctness=correctness, gemm=gemm, rotate=rotate, linear=linear, pixart=pixart)
+    steps = dict(correctness=correctness, gemm=gemm, rotate=rotate, linear=linear, pixart=pixart,
+                 calibration=calibration)
     for name in sections:
         steps[name]()
     write(args.out, info)

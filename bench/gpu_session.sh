@@ -45,7 +45,7 @@ SHAPES=${SHAPES:-"0 1 2 3"}
   for d in bf16 fp16 fp32; do echo "--sections correctness --dtypes $d"; done
   for s in $SHAPES; do for m in $MODES; do
     echo "--sections gemm $AT --shapes $s --modes $m"; done; done
-  for s in rotate linear pixart; do echo "--sections $s"; done
+  for s in rotate linear pixart calibration; do echo "--sections $s"; done
 } > "$WARM/jobs"
 if [ -z "${SMOKE:-}" ]; then
   # SIGINT at the limit: pytest still prints its summary of the failures so far

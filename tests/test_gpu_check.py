@@ -22,7 +22,10 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     rows = json.loads(js.read_text())
     assert not [r for r in rows if "error" in r or "skipped" in r]
     sections = {r["section"] for r in rows}
-    assert sections == {"env", "correctness", "gemm", "rotate", "linear", "pixart"}
+    assert sections == {"env", "correctness", "gemm", "rotate", "linear", "pixart",
+                        "calibration"}
+    (cal,) = [r for r in rows if r["section"] == "calibration"]
+    assert cal["layers"] > 0 and cal["seconds"] > 0, cal
     for r in rows:
         if r.get("op") == "rotate_quantize":
             assert r["bytes_equal"] > 0.99 and r["scale_max_rel"] < 1e-5, r
