@@ -187,25 +187,16 @@ def test_mismatched_models_are_refused(tmp_path, gen):
         clq_triton.save_quantized(planted_dit(0, layers=1), str(tmp_path))
 
 
-def test_bf16_model_round_trips_bit_for_bit(tmp_path, gen):
+@pytest.mark.parametrize("cast", ["before patching", "after patching"])
+def test_bf16_model_round_trips_bit_for_bit(tmp_path, gen, cast):
     """Built in the saved dtype: non-persistent buffers (PixArt's pos_embed) are cast as the
-    saved model's were, so the loaded model gives the saved model's output exactly."""
-    model, inputs = MODELS["pixart"](gen)
-    model = model.to(torch.bfloat16).eval()
-    clq_triton.patch(model, QuantConfig(group_size=None), progress=False)
-    clq_triton.save_quantized(model, str(tmp_path))
-    loaded = clq_triton.load_quantized(str(tmp_path))
-    bf16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in inputs.items()}
-    with torch.no_grad():
-        assert torch.equal(output(loaded, bf16), output(model, bf16))
-
-
-def test_a_model_cast_after_patching_saves_and_loads(tmp_path, gen):
-    """patch(), then model.to(bf16): QuantLinear's scales, shift and bias stay float32, so
-    the checkpoint loads, and the output is the cast model's."""
+    saved model's were, so the loaded model gives the saved model's output exactly. Cast
+    after patch(), QuantLinear's scales, shift and bias stay float32, so it saves and loads
+    the same way."""
     model, inputs = MODELS["pixart"](gen)
     model = model.eval()
+    if cast == "before patching":
+        model.to(torch.bfloat16)
     clq_triton.patch(model, QuantConfig(group_size=None), progress=False)
     model.to(torch.bfloat16)
     clq_triton.save_quantized(model, str(tmp_path))
