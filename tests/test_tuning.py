@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from clq_triton.kernels import tuning
 from clq_triton.kernels.tuning import GemmConfig
@@ -70,7 +71,8 @@ def test_group_modes_keep_both_accumulators_within_128_registers():
                 for a_bits, w_bits in ((4, 4), (8, 4), (8, 8)):
                     cfg = base.fitted(4096, group, a_bits, w_bits, arch)
                     if group is not None:
-                        budget = 128 if arch >= 90 else 64  # wgmma vs mma.sync operands
+                        # wgmma / tcgen05 vs mma.sync operands (sm_120 has mma.sync only)
+                        budget = 128 if arch in (90, 100) else 64
                         assert (2 * cfg.BM * cfg.BN <= budget * 32 * cfg.num_warps
                                 or cfg.BN == 64), (arch, base)  # BN stops at 64
                         assert cfg.BK == group
@@ -80,6 +82,35 @@ def test_group_modes_keep_both_accumulators_within_128_registers():
     assert wide.fitted(4096, 128, 4, 4, 90).BN == 128
     assert wide.fitted(4096, 128, 4, 4).BN == 256  # no arch: the interpreter's config path
     assert table_config(80, 4096).fitted(4096, 128, 4, 4, 80).BN == 64
+
+
+def test_blackwell_parts_use_their_own_limits():
+    """sm_100 (B200) is in the Hopper family; sm_120 (RTX 50-series) has no wgmma and 101376 B
+    of shared memory per block: it takes the sm_89 rows, and every fitted config's estimate
+    fits its limit (the Hopper rows' 128×256 tile needed 147456 B by that estimate)."""
+    from clq_triton.kernels.formats import GROUP_SIZES
+    from clq_triton.kernels.tuning import (ARCHS, shared_limit, table_config, table_configs,
+                                           table_family)
+
+    assert {100, 120} <= set(ARCHS)
+    assert table_family(100) == 90 and table_family(120) == 89 and table_family(121) == 89
+    assert shared_limit(120) == shared_limit(121) == 101376 and shared_limit(100) == 232448
+    assert shared_limit(130) == min(tuning.SHARED_LIMIT.values())  # unknown newer: smallest
+    assert table_config(120, 4096).smem_estimate(8, 8) <= 101376
+    for arch in ARCHS:  # W8A8, where the estimate is exact (4-bit: tests/test_compile.py)
+        for base in table_configs(arch):
+            for group in GROUP_SIZES:
+                cfg = base.fitted(4096, group, 8, 8, arch)
+                assert cfg.smem_estimate(8, 8) <= shared_limit(arch), (arch, cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_limit_is_the_devices():
+    props = torch.cuda.get_device_properties(0)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:
+        pytest.skip("this torch does not report shared_memory_per_block_optin")
+    assert tuning.shared_limit(props.major * 10 + props.minor) == optin
 
 
 _CHILD = """

@@ -7,8 +7,9 @@ compile (e.g. an int32 ``tl.dot`` accumulator without ``out_dtype=tl.int32`` und
 ptxas, and checks each result:
 - it compiles;
 - its shared memory fits the target's per-block limit (``tuning.SHARED_LIMIT``);
-- for the quantized GEMM on sm_90, the PTX uses int8 tensor-core instructions (``wgmma`` with
-  s8 operands); on sm_80/sm_89, ``mma`` with s8 operands;
+- for the quantized GEMM, the PTX uses int8 tensor-core instructions: ``wgmma`` with s8
+  operands on sm_90, ``tcgen05.mma`` of kind i8 on sm_100 (``mma.sync`` under triton 3.6),
+  ``mma`` with s8 operands on sm_80/sm_89/sm_120;
 - no self-cancelling FMA in the PTX: ``fma(a, b, −(a·b))``, which is how the compiler
   contracts ``a·b − a·b``. It yields the product's rounding error instead of 0; the
   interpreter computes 0. (Found on an H100: a ``y − y == 0`` finiteness test flagged every
@@ -34,8 +35,10 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 
 WGMMA_S8 = re.compile(r"wgmma\.mma_async[.\w]*\.s8\.s8")
+TCGEN05_I8 = re.compile(r"tcgen05\.mma[.\w:]*\.kind::i8")
 MMA_S8 = re.compile(r"mma\.sync\.aligned[.\w]*\.s8\.s8")
-_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\b")
+_MMA = re.compile(r"\b(?:wgmma\.mma_async|tcgen05\.mma|mma\.sync)\b")
+_PTX_TARGET = re.compile(r"^\s*\.target\s+(sm_\w+)", re.M)
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTX_OP = re.compile(r"^\s*(mul|neg|fma)\.(?:rn\.)?f32\s+(%\w+),\s*([^;]+);", re.M)
@@ -123,6 +126,17 @@ def _kernel(name: str):
     return getattr(mod, fn), getattr(mod, "ALIGNED", ())
 
 
+def int8_mma_pattern(arch: int) -> re.Pattern:
+    """The int8 tensor-core instructions the GEMM may use on ``arch``: wgmma on sm_90;
+    tcgen05.mma (kind::i8) on sm_100/103 under triton 3.9, which triton 3.6 lowers to
+    mma.sync instead; mma.sync elsewhere (sm_80/89, sm_120)."""
+    if arch == 90:
+        return WGMMA_S8
+    if 100 <= arch < 120:
+        return re.compile(f"{TCGEN05_I8.pattern}|{MMA_S8.pattern}")
+    return MMA_S8
+
+
 def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
     """(registers per thread, spill bytes) from ``ptxas -v`` of the ptxas triton uses for
     ``arch`` (bundled with triton; no GPU needed)."""
@@ -135,7 +149,8 @@ def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        target = _PTX_TARGET.search(ptx)  # e.g. sm_90a, sm_100a: what triton compiled for
+        gpu = target.group(1) if target else f"sm_{arch}"
         r = subprocess.run([get_ptxas(arch).path, f"--gpu-name={gpu}", "-v", src,
                             "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
     out = r.stdout + r.stderr
@@ -152,7 +167,7 @@ def compile_job(job: Job, registers: bool = False) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .tuning import SHARED_LIMIT
+    from .tuning import shared_limit
 
     triton.knobs.runtime.add_stages_inspection_hook = _no_cubin_hook
     fn, aligned_args = _kernel(job.kernel)
@@ -162,7 +177,7 @@ def compile_job(job: Job, registers: bool = False) -> Result:
     # the divisibility the launcher guarantees, as the JIT would specialize it
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned_args}
     t0 = time.perf_counter()
-    limit = SHARED_LIMIT[job.arch]
+    limit = shared_limit(job.arch)
     try:
         k = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", job.arch, 32),
                            options={"num_warps": job.num_warps, "num_stages": job.num_stages})
@@ -172,8 +187,7 @@ def compile_job(job: Job, registers: bool = False) -> Result:
                       seconds=time.perf_counter() - t0)
     int8 = None
     if job.kernel == "gemm":
-        pattern = WGMMA_S8 if job.arch >= 90 else MMA_S8
-        int8 = bool(pattern.search(k.asm["ptx"]))
+        int8 = bool(int8_mma_pattern(job.arch).search(k.asm["ptx"]))
     res = Result(job, True, shared=k.metadata.shared, limit=limit, int8_mma=int8,
                  self_cancelling_fma=self_cancelling_fmas(k.asm["ptx"]),
                  mma=len(_MMA.findall(k.asm["ptx"])))
@@ -241,7 +255,8 @@ def run_jobs(jobs: list[Job], processes: int | None = None, progress=None,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, action="append", help="80, 89 or 90 (default: all)")
+    ap.add_argument("--arch", type=int, action="append",
+                    help="80, 89, 90, 100 or 120 (default: all)")
     ap.add_argument("--jobs", type=int, default=None, help="parallel processes")
     ap.add_argument("--kernel", choices=("gemm", "rotate_quantize"))
     ap.add_argument("--registers", action="store_true",

@@ -27,9 +27,12 @@ import torch
 
 from ..jsonfile import merge_json
 
-# Shared memory a block may use (the driver's limit, bytes) per compute capability.
-SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
-ARCHS = (80, 89, 90)  # what the compile tests cover: A100, L40/4090, H100/H200
+# Shared memory a block may use (the driver's limit, bytes) per compute capability: the CUDA
+# programming guide's "maximum shared memory per thread block" (opt-in) of each.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                103: 232448, 120: 101376, 121: 101376}
+# What the compile tests cover: A100, L40/4090, H100/H200, B200, RTX 50-series.
+ARCHS = (80, 89, 90, 100, 120)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class GemmConfig:
             cfg = replace(self, BK=bk)
         if arch is None:
             return cfg
-        limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[table_family(arch)])
+        limit = shared_limit(arch)
         while cfg.smem_estimate(a_bits, w_bits) > limit and cfg.num_stages > 2:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         while cfg.smem_estimate(a_bits, w_bits) > limit and cfg.BN > 64:
@@ -84,11 +87,12 @@ class GemmConfig:
 
 
 def _accumulator_registers(arch: int) -> int:
-    """Registers per thread the per-group mode may give its two accumulators: 128 on sm_90,
-    whose wgmma reads both operands from shared memory; 64 before it, where mma.sync takes
-    them from registers too (sm_80/89, triton 3.6: 128×128 with 8 warps spilled 96-184 B per
-    thread at group 128, none at 128×64)."""
-    return 128 if arch >= 90 else 64
+    """Registers per thread the per-group mode may give its two accumulators: 128 in the
+    Hopper family (sm_90's wgmma and sm_100's tcgen05 read their operands from shared
+    memory); 64 where mma.sync takes them from registers too (sm_80/89 and sm_120, the RTX
+    50-series, which has no wgmma; triton 3.6, sm_80/89: 128×128 with 8 warps spilled 96-184 B
+    per thread at group 128, none at 128×64)."""
+    return 128 if table_family(arch) == 90 else 64
 
 
 # (largest M, config); the first row whose bound holds is used.
@@ -105,13 +109,26 @@ INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, 1)
 
 
 def table_family(arch: int) -> int:
-    """The table row set for a compute capability (major·10 + minor)."""
+    """The table row set for a compute capability (major·10 + minor): 90 for the data-center
+    parts with Hopper-sized shared memory and asynchronous tensor-core MMAs (sm_90, sm_100,
+    sm_103); 80 or 89 by shared memory for mma.sync parts — the RTX 50-series (sm_120/121)
+    is one of those: no wgmma, 101376 B per block, like sm_89."""
     if arch < 80:
         raise RuntimeError(f"the Triton kernels need compute capability 8.0 or newer, got "
                            f"{arch // 10}.{arch % 10}; use clq_triton.set_backend('torch')")
-    if arch >= 90:
+    if 90 <= arch < 120:
         return 90
     return 80 if SHARED_LIMIT.get(arch, 0) >= 166912 else 89
+
+
+def shared_limit(arch: int) -> int:
+    """Bytes of shared memory a block may use on ``arch`` (its family's for an unlisted arch,
+    the smallest known for archs newer than every listed one)."""
+    if arch in SHARED_LIMIT:
+        return SHARED_LIMIT[arch]
+    if arch > max(SHARED_LIMIT):
+        return min(SHARED_LIMIT.values())
+    return SHARED_LIMIT[table_family(arch)]
 
 
 def table_configs(arch: int) -> tuple[GemmConfig, ...]:
