@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -87,7 +89,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("channel_shift", torch.zeros(in_features, device=device)
                              if has_channel_shift else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self.register_buffer("qweight_int8", None, persistent=False)
         prepare_rotation(config.hadamard_block, self.qweight.device)
 
     @classmethod
@@ -159,7 +160,8 @@ class QuantLinear(nn.Module):
                              f"{self.qweight.device}; move one of them")
         cfg = self.config
         x2 = x.reshape(-1, self.in_features)
-        int8 = self.qweight_int8 is not None
+        w8 = self._buffers.get("qweight_int8")
+        int8 = w8 is not None
         # The operators directly: the buffers were validated when built or loaded (perm read
         # back once there), so the hot path checks only x, above.
         xq, xs = torch.ops.clq_triton.rotate_quantize(x2, self.perm, self.channel_shift,
@@ -167,7 +169,7 @@ class QuantLinear(nn.Module):
                                                       cfg.group_size, cfg.a_bits,
                                                       float(cfg.a_clip), not int8)
         if int8:
-            y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight_int8, self.wscale, None,
+            y = torch.ops.clq_triton.quant_matmul(xq, xs, w8, self.wscale, None,
                                                   self.bias, 8, 8, cfg.group_size, x.dtype)
         else:
             y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight, self.wscale,
@@ -210,10 +212,21 @@ class QuantLinear(nn.Module):
         weight copy. No effect on W8A8 layers, whose codes are int8 already."""
         cfg = self.config
         if enabled and 4 in (cfg.w_bits, cfg.a_bits):
-            self.qweight_int8 = int8_weight_codes(self.qweight, cfg.w_bits, self.wgroup)
-        else:
-            self.qweight_int8 = None
+            self._buffers["qweight_int8"] = int8_weight_codes(self.qweight, cfg.w_bits,
+                                                              self.wgroup)
+            self._non_persistent_buffers_set.add("qweight_int8")
+        else:  # no buffer at all rather than a None one (accelerate's hooks move every one)
+            self._buffers.pop("qweight_int8", None)
+            self._non_persistent_buffers_set.discard("qweight_int8")
         return self
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "qweight_int8":  # int8 operands off
+                return None
+            raise
 
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ in the original basis, float32 [N, K]: Q(W·D⁻¹·G)·Gᵀ·D."""
@@ -227,11 +240,17 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size()
                    for t in (self.qweight, self.wscale, self.wgroup) if t is not None)
 
-    def get_extra_state(self) -> dict:
-        return {"format": FORMAT_VERSION, "config": self.config.to_dict(),
-                "in_features": self.in_features, "out_features": self.out_features}
+    def get_extra_state(self) -> torch.Tensor:
+        """The layer's settings (format, config, shape) as JSON bytes in a uint8 CPU tensor: a
+        tensor, so that every value of the state dict is one (accelerate's offload hooks,
+        behind diffusers' ``enable_sequential_cpu_offload``, move every value)."""
+        state = {"format": FORMAT_VERSION, "config": self.config.to_dict(),
+                 "in_features": self.in_features, "out_features": self.out_features}
+        return torch.tensor(list(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: torch.Tensor | dict) -> None:
+        if torch.is_tensor(state):
+            state = json.loads(bytes(state.cpu().tolist()).decode())
         version = state.get("format", 1)
         if version != FORMAT_VERSION:
             raise ValueError(

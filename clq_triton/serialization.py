@@ -45,7 +45,7 @@ def save_quantized(model: nn.Module, directory: str) -> None:
         raise ValueError("the model holds no QuantLinear: run clq_triton.patch() first")
     os.makedirs(directory, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if torch.is_tensor(v)}
+             if torch.is_tensor(v) and not k.endswith("._extra_state")}  # settings: config.json
     patched = getattr(model, "_clq_patch", {})
     quant = {"quant_method": QUANT_METHOD, "format": FORMAT_VERSION,
              "clq_triton_version": __version__, "method": patched.get("method"),
@@ -175,7 +175,7 @@ def _expected_state(model: nn.Module, new_layers: dict[str, QuantLinear]) -> dic
             out[k] = (tuple(v.shape), None)
     for n, layer in new_layers.items():
         for k, v in layer.state_dict().items():
-            if torch.is_tensor(v):
+            if torch.is_tensor(v) and k != "_extra_state":
                 out[f"{n}.{k}"] = (tuple(v.shape), v.dtype)
     return out
 

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -118,9 +119,9 @@ def test_format_1_state_is_refused_clearly(gen):
     as garbage."""
     q = QuantLinear.from_linear(_linear(128, 48, gen), QuantConfig())
     sd = q.state_dict()
-    old = dict(sd["_extra_state"])
+    old = json.loads(bytes(sd["_extra_state"].tolist()))
     del old["format"]
-    sd["_extra_state"] = old
+    sd["_extra_state"] = torch.tensor(list(json.dumps(old).encode()), dtype=torch.uint8)
     with pytest.raises(ValueError, match="weight format 1.*quantize the full-precision model"):
         QuantLinear(128, 48).load_state_dict(sd)
 
