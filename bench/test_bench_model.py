@@ -75,3 +75,26 @@ def test_memory_report(benchmark, info):
                 quantized_layers_w4a4_bytes=report.quant_weight_bytes,
                 layer_ratio=round(report.weight_ratio, 4), fp_peak_bytes=peak(fp),
                 w4a4_peak_bytes=peak(q))
+
+
+@pytest.mark.parametrize("kind", ["nn.Linear", "w4a4", "w4a4-g128", "w4a4-int8", "w8a8"])
+def test_host_overhead(benchmark, info, kind):
+    """Host time per layer call with no device work, the same on every machine: a QuantLinear
+    (PixArt-Σ's 1152 → 4608 at 4096 tokens) and its input on the meta device, where the custom
+    operators run their fake implementations, so what is timed is Python, checks and dispatch
+    (a GPU adds Triton's launch cost per kernel; CUDA graphs remove both). The nn.Linear row
+    is a 64 → 64 layer on one CPU token: its dispatch plus a negligible matmul (meta is no
+    baseline for it: F.linear's meta function runs in Python, ~300 µs)."""
+    if kind == "nn.Linear":
+        layer, x = nn.Linear(64, 64).to(torch.bfloat16), torch.randn(1, 64, dtype=torch.bfloat16)
+    else:
+        layer = quant_layer(nn.Linear(1152, 4608), kind.replace("-int8", ""))
+        if kind.endswith("-int8"):
+            layer.use_int8_operands()
+        layer, x = layer.to("meta"), torch.empty(4096, 1152, device="meta", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+        benchmark(layer, x)
+    stats = benchmark.stats
+    info.update(layer=kind, device=x.device.type,
+                us_per_call=round(stats.stats.median * 1e6, 2) if stats else None)

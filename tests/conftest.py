@@ -1,17 +1,21 @@
 """Test setup: without CUDA, Triton kernels run in the CPU interpreter.
 
 TRITON_INTERPRET must be set before any @triton.jit function is created, so this happens
-before clq_triton is imported. On a CUDA machine the same tests run the compiled kernels.
+at configuration, before any test module imports clq_triton. On a CUDA machine the same
+tests run the compiled kernels. ``pytest --benchmark-only`` (which skips these tests) leaves
+it unset: on CPU the benchmarks in bench/ time the PyTorch reference path.
 """
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+def pytest_configure(config):
+    if not torch.cuda.is_available() and not config.getoption("benchmark_only", False):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
