@@ -6,6 +6,8 @@
         the same on a real diffusers pipeline (GPU advised)
     clq-triton quantize ID_OR_PATH --bits w4a4 --method clq --prompts FILE --out DIR
         calibrate and quantize a pipeline's transformer, save it in the diffusers layout
+    torchrun --nproc-per-node 2 -m clq_triton.cli quantize ... --calib-batch 4
+        the same, the calibration capture spread over 2 processes (same checkpoint)
 
 ``python -m clq_triton.cli ...`` is the same command.
 """
@@ -125,13 +127,17 @@ def generate(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
     return imgs.permute(0, 3, 1, 2)
 
 
-def calibrate_pipeline(pipe, prompts, steps, samples, timer):
-    from . import capture_calibration
+def calibrate_pipeline(pipe, prompts, steps, samples, timer, batch=None):
+    """Calibration samples from the pipeline on ``prompts``, in batches of ``batch`` prompts
+    (all in one by default), ``samples`` spread over each batch's sampler steps (one
+    transformer call per step: diffusers batches classifier-free guidance). Under torchrun /
+    accelerate launch the batches are dealt over the processes (clq_triton.distributed)."""
+    from .distributed import capture_sharded
 
-    # one transformer call per sampler step (diffusers batches classifier-free guidance):
-    # the samples are spread over every step, not the first ones only
-    data = capture_calibration(pipe.transformer, lambda: generate(pipe, prompts, steps, seed=1),
-                               max_samples=samples, calls=steps)
+    batch = batch or len(prompts)
+    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    data = capture_sharded(pipe.transformer, lambda b: generate(pipe, b, steps, seed=1), batches,
+                           max_samples=samples, calls=steps)
     timer.lap(f"captured {len(data)} calibration steps")
     return data
 
@@ -198,11 +204,21 @@ def cmd_quantize(args) -> None:
     if _needs_calibration(args.method) and not prompts:
         raise SystemExit(f"--method {args.method} calibrates on the pipeline's own samples: "
                          "give --prompts FILE (one prompt, or DiT class id, per line)")
+    from .distributed import barrier, init_from_env, is_main, rank_and_world
+
+    init_from_env()  # several processes under torchrun / accelerate launch: capture is shared
     pipe = load_pipeline(args.model, timer)
-    data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer)
-            if _needs_calibration(args.method) else None)
-    quantize(pipe.transformer, args.bits, args.method, data, timer)
-    _save(pipe.transformer, args.out, args.model)
+    data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer,
+                               args.calib_batch) if _needs_calibration(args.method) else None)
+    if is_main():  # one process calibrates and saves, the others wait and load
+        quantize(pipe.transformer, args.bits, args.method, data, timer)
+        _save(pipe.transformer, args.out, args.model)
+    barrier()
+    if not is_main():
+        from . import load_quantized
+
+        load_quantized(args.out)
+        print(f"rank {rank_and_world()[0]}: loaded {args.out}")
     print(f"total wall time {time.time() - timer.start:.1f} s")
 
 
@@ -234,6 +250,10 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("model", help="diffusers pipeline id or path")
     common(z, steps=20, calib=16)
     z.add_argument("--prompts", help="calibration prompts, one per line (DiT: class ids)")
+    z.add_argument("--calib-batch", type=int, default=None,
+                   help="prompts per captured pipeline run (default: all in one), each "
+                        "giving --calib-samples steps; under torchrun the runs are spread "
+                        "over the processes")
     z.add_argument("--out", required=True, help="directory for the quantized transformer")
     z.set_defaults(run=cmd_quantize)
     return ap

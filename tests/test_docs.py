@@ -73,7 +73,7 @@ def test_pytest_skips_benchmarks_and_benchmark_only_runs_them():
     --benchmark-only` from the repository root runs them, and only them."""
     def run(*args):
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              "-k", "host_overhead", *args], cwd=ROOT,
+                              "-k", "test_host_overhead", *args], cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         return out.stdout

@@ -105,3 +105,28 @@ def test_console_script_is_declared():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert scripts == {"clq-triton": "clq_triton.cli:main"}
+
+
+def test_two_process_capture_gives_the_one_process_checkpoint(tmp_path):
+    """clq-triton quantize under torchrun (2 CPU processes, gloo): each process captures half
+    of the prompt batches, the samples are gathered in batch order, one process calibrates
+    and saves, the other loads. The checkpoint is the one-process run's, bit for bit."""
+    _saved_pipeline(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("3\n7\n11\n19\n")
+    args = ["quantize", str(tmp_path / "pipe"), "--method", "clq", "--prompts",
+            str(tmp_path / "prompts.txt"), "--steps", "3", "--calib-samples", "2",
+            "--calib-batch", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"  # the same threads in both runs (and no oversubscription)
+    one = subprocess.run([sys.executable, "-m", "clq_triton.cli", *args, "--out",
+                          str(tmp_path / "q1")], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "clq_triton.cli", *args, "--out",
+                          str(tmp_path / "q2")], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "captured 8 calibration steps" in one.stdout and "rank 1: loaded" in two.stdout
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert (tmp_path / "q1" / name).read_bytes() == (tmp_path / "q2" / name).read_bytes()
