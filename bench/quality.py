@@ -128,6 +128,11 @@ def main():
                 a_clip_grid=tuple(args.a_clips or m.a_clip_grid))
 
     made = {}  # rows this run made: merged into the json, which other runs may also write
+    # under torchrun / accelerate launch the rows are dealt over the processes (by their place
+    # in the whole grid, so the split does not depend on which rows are done); the FP rows,
+    # which every row compares with, are made by each process
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    index = -1
     for model_name in args.models:
         fp, sched = load_tiny_dit(args.weights, outliers=MODELS[model_name])
         fp = fp.to(device)
@@ -145,6 +150,9 @@ def main():
         for bits, group in jobs:
             config = clq_triton.QuantConfig.from_bits(bits, group_size=group)
             for name in args.methods:
+                index += 1
+                if index % world != rank:  # another process's row (torchrun / accelerate)
+                    continue
                 key = f"{model_name}|{bits}|{_mode(group)}|{name}"
                 old = store["rows"].get(key)
                 if old and old.get("settings") == settings and \

@@ -75,3 +75,16 @@ def test_train_script_and_quality_table_run(tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode != 0 and "--fresh" in out.stderr
     assert json.loads(store.read_text()) == saved
+    # under torchrun the rows are dealt over the processes and merged into one json
+    two = tmp_path / "two.json"
+    cmd2 = [a if a != str(store) else str(two) for a in cmd]
+    cmd2[cmd2.index("CLQ")] = "Hadamard"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2"] + cmd2[1:] + ["--groups", "64", "none",
+                                                                 "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = json.loads(two.read_text())["rows"]
+    assert sorted(rows) == sorted(["toy+outliers|FP"] + [
+        f"toy+outliers|w4a4|{m}|{n}" for m in ("g64", "per-channel") for n in ("RTN", "Hadamard")])
+    assert sum(ln.startswith("toy+outliers|w4a4") for ln in out.stdout.splitlines()) == 4
