@@ -156,7 +156,7 @@ def main():
                 key = f"{model_name}|{bits}|{_mode(group)}|{name}"
                 old = store["rows"].get(key)
                 if old and old.get("settings") == settings and \
-                        old.get("method_config") == _jsonable(variants[name].to_dict()):
+                        _same_method(old.get("method_config"), variants[name]):
                     continue
                 model = copy.deepcopy(fp)
                 t0 = time.time()
@@ -175,6 +175,15 @@ def main():
                       f"({calib:.0f}s calib)", flush=True)
                 save(args, store, made)
     save(args, store, made)
+
+
+def _same_method(saved: dict | None, method) -> bool:
+    """Whether a row's saved method config is ``method`` (fields added since with their
+    defaults, e.g. ``gptq=False``, count as equal)."""
+    try:
+        return saved is not None and clq_triton.methods.method_from_dict(saved) == method
+    except ValueError:
+        return False
 
 
 def weights_id(directory: str) -> str:

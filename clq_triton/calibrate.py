@@ -17,6 +17,7 @@ FP block outputs are computed per block from the FP stream, never held for all b
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from .blocks import find_blocks, output_tensors, run_block, run_model
 from .capture import CalibrationData, to_device
 from .config import QuantConfig
+from .gptq import transform_hessian
 from .methods import Calibrated
 from .quant_linear import QuantLinear
 from .smoothing import ChannelRange
@@ -154,7 +156,7 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
     calls = to_device(calls, device)
     if fp_deep is not None:
         fp_deep = to_device(fp_deep, device)
-    stats = ChannelRange({n: lin for n, lin, _ in todo})
+    stats = ChannelRange({n: lin for n, lin, _ in todo}, gram=method.gptq)
     layer_x: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in todo}
     grab = [lin.register_forward_pre_hook(lambda m, a, n=n: layer_x[n].append(a[0].cpu()))
             for n, lin, _ in todo] if target == "layer" else []
@@ -178,6 +180,10 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
     for name, lin, cfg in todo:
         tf = method.channel_transform(stats.lo[name], stats.hi[name], stats.mean[name], lin,
                                       cfg)
+        if method.gptq:
+            tf = dataclasses.replace(tf, hessian=transform_hessian(
+                stats.gram[name], stats.total[name], stats.rows[name], tf.shift, tf.scale,
+                tf.perm, cfg.hadamard_block))
         if target is None:
             q = _quantize(lin, cfg, tf)
         elif target == "layer":
@@ -215,7 +221,7 @@ def _peak_depth(model, name, lin, cfg, tf, blocks, links, bi, calls, max_depth, 
 
 
 def _quantize(lin, cfg, tf) -> QuantLinear:
-    return QuantLinear.from_linear(lin, cfg, tf.perm, tf.scale, tf.shift)
+    return QuantLinear.from_linear(lin, cfg, tf.perm, tf.scale, tf.shift, tf.hessian)
 
 
 def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:

@@ -36,11 +36,14 @@ def fit_hadamard_block(k: int, block: int | None) -> int | None:
 @dataclass(frozen=True)
 class ChannelTransform:
     """A layer's input-channel transform x → ((x − shift) · diag(scale))[:, perm] before its
-    rotation; None parts are identities. perm: int32 [K]; scale, shift: float32 [K]."""
+    rotation; None parts are identities. perm: int32 [K]; scale, shift: float32 [K].
+    hessian: float64 [K, K], Σ x'ᵀx' of the calibration inputs in the layer's quantized basis
+    (after the transform and the rotation), for GPTQ weight rounding; None: round to nearest."""
 
     perm: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,14 @@ class Calibrated(Method):
     """Methods that fit each layer on calibration inputs, block by block.
 
     cbc: block i's inputs come from the model whose blocks 0..i-1 are already quantized
-    (cross-block calibration); False: from the full-precision model."""
+    (cross-block calibration); False: from the full-precision model.
+    gptq: weights rounded by GPTQ (error feedback through the Hessian of the layer's
+    calibration inputs in its quantized basis, :mod:`clq_triton.gptq`) instead of to nearest;
+    same scales and storage, so the same speed."""
 
     calibrated: ClassVar[bool] = True
     cbc: bool = True
+    gptq: bool = False
 
     @property
     def search(self) -> bool:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .gptq import gptq_weight
 from .kernels._runtime import check_float
 from .kernels.formats import (
     FORMAT_VERSION,
@@ -99,12 +100,15 @@ class QuantLinear(nn.Module):
         perm: torch.Tensor | None = None,
         channel_scale: torch.Tensor | None = None,
         channel_shift: torch.Tensor | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear`` offline: W' = W·D⁻¹·S·H (float32 on the weight's device), then
         symmetric quantization with ``config.w_clip`` (kernels.quantize.quantize_weight_ref).
 
         perm: int [K] permutation (see kernels.hadamard); channel_scale: positive float [K];
-        channel_shift: finite float [K] (the layer then has a bias: b + W·δ, in float64)."""
+        channel_shift: finite float [K] (the layer then has a bias: b + W·δ, in float64);
+        hessian: [K, K] Σ xᵀx of inputs in the rotated basis: the codes are rounded by GPTQ
+        (clq_triton.gptq) with the same scales, instead of to nearest."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -133,8 +137,12 @@ class QuantLinear(nn.Module):
             q.channel_scale.copy_(cs)
             w = w / cs
         w_rot = rotate_ref(w, perm, config.hadamard_block)
-        codes, scale, group_int = quantize_weight_ref(w_rot, config.group_size, config.w_bits,
-                                                      config.w_clip)
+        if hessian is None:
+            codes, scale, group_int = quantize_weight_ref(w_rot, config.group_size,
+                                                          config.w_bits, config.w_clip)
+        else:
+            codes, scale, group_int = gptq_weight(w_rot, hessian, config.group_size,
+                                                  config.w_bits, config.w_clip)
         q.qweight.copy_(pack_codes(codes, config.w_bits))
         q.wscale.copy_(scale)
         if group_int is not None:

@@ -16,12 +16,18 @@ class ChannelRange:
     CPU once. After it: ``lo[name]`` / ``hi[name]`` / ``mean[name]`` float32 [K] on the CPU
     (0 for channels never seen finite); ``amax(name)`` = max |x| per channel."""
 
-    def __init__(self, layers: dict[str, nn.Linear]):
+    def __init__(self, layers: dict[str, nn.Linear], gram: bool = False):
         self._k = {n: m.in_features for n, m in layers.items()}
         self._acc: dict[str, list[torch.Tensor]] = {}  # name → [lo, hi, sum, count]
+        self._gram = gram
         self.lo: dict[str, torch.Tensor] = {}
         self.hi: dict[str, torch.Tensor] = {}
         self.mean: dict[str, torch.Tensor] = {}
+        # with ``gram`` (for GPTQ): Σ xᵀx float64 [K, K] and Σ x float64 [K] (non-finite
+        # values as 0, on the inputs' device) and the number of rows
+        self.gram: dict[str, torch.Tensor] = {}
+        self.total: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
 
     def _hook(self, name):
@@ -41,6 +47,11 @@ class ChannelRange:
                 torch.maximum(acc[1], hi, out=acc[1])
                 acc[2] += total
                 acc[3] += count
+            if self._gram:
+                xz = torch.where(ok, x, 0).float()
+                g = (xz.T @ xz).double()
+                self.gram[name] = self.gram[name] + g if name in self.gram else g
+                self.rows[name] = self.rows.get(name, 0) + x.shape[0]
         return hook
 
     def close(self):
@@ -53,6 +64,7 @@ class ChannelRange:
             self.lo[n] = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
             self.hi[n] = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
             self.mean[n] = (total / count.clamp(min=1)).float()
+            self.total[n] = total
         self._acc.clear()
 
     def amax(self, name: str) -> torch.Tensor:
