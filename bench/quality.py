@@ -52,6 +52,8 @@ VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "CLQ w/o CLPS": clq_triton.CLQ(clps=False),
     "CLQ w/o shift+smoothing": clq_triton.CLQ(shift=False, smooth_alpha=None),
     "CLQ, CLPS at depth": clq_triton.CLQ(clps_target="depth"),
+    "CLQ+GPTQ": clq_triton.CLQ(gptq=True),
+    "SmoothQuant+GPTQ": clq_triton.SmoothQuant(gptq=True),
 }
 BASELINES = ("RTN", "Hadamard", "QuaRot", "SmoothQuant")
 PARTS = {"CBC": "CLQ w/o CBC", "OBS": "CLQ w/o OBS", "CLPS": "CLQ w/o CLPS"}
