@@ -180,7 +180,7 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
     for name, lin, cfg in todo:
         tf = method.channel_transform(stats.lo[name], stats.hi[name], stats.mean[name], lin,
                                       cfg)
-        if method.gptq:
+        if method.gptq and stats.rows[name]:  # a layer its block never called: RTN
             tf = dataclasses.replace(tf, hessian=transform_hessian(
                 stats.gram[name], stats.total[name], stats.rows[name], tf.shift, tf.scale,
                 tf.perm, cfg.hadamard_block))

@@ -24,7 +24,8 @@ class ChannelRange:
         self.hi: dict[str, torch.Tensor] = {}
         self.mean: dict[str, torch.Tensor] = {}
         # with ``gram`` (for GPTQ): Σ xᵀx float64 [K, K] and Σ x float64 [K] (non-finite
-        # values as 0, on the inputs' device) and the number of rows
+        # values as 0, on the inputs' device) and the number of rows (0, and no Σ xᵀx, for a
+        # layer never called)
         self.gram: dict[str, torch.Tensor] = {}
         self.total: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
@@ -37,7 +38,8 @@ class ChannelRange:
             ok = torch.isfinite(x)
             lo = torch.where(ok, x, float("inf")).amin(0).float()
             hi = torch.where(ok, x, -float("inf")).amax(0).float()
-            total = torch.where(ok, x, 0).sum(0, dtype=torch.float64)
+            xz = torch.where(ok, x, 0)
+            total = xz.sum(0, dtype=torch.float64)
             count = ok.sum(0, dtype=torch.float64)
             acc = self._acc.get(name)
             if acc is None:
@@ -48,7 +50,7 @@ class ChannelRange:
                 acc[2] += total
                 acc[3] += count
             if self._gram:
-                xz = torch.where(ok, x, 0).float()
+                xz = xz.float()
                 g = (xz.T @ xz).double()
                 self.gram[name] = self.gram[name] + g if name in self.gram else g
                 self.rows[name] = self.rows.get(name, 0) + x.shape[0]
@@ -65,6 +67,8 @@ class ChannelRange:
             self.hi[n] = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
             self.mean[n] = (total / count.clamp(min=1)).float()
             self.total[n] = total
+            if self._gram and n not in self.gram:  # a layer its block never called
+                self.rows[n] = 0
         self._acc.clear()
 
     def amax(self, name: str) -> torch.Tensor:
