@@ -7,6 +7,7 @@ import json
 import torch
 from torch import nn
 
+from .capture import to_device
 from .config import QuantConfig
 from .gptq import gptq_weight
 from .kernels._runtime import check_float
@@ -118,8 +119,8 @@ class QuantLinear(nn.Module):
         n, k = w.shape
         # calibration statistics live on the CPU: every part of the transform goes to the
         # weight's device here, the one place all of them meet the weight
-        perm, channel_scale, channel_shift = on_device(w.device, perm, channel_scale,
-                                                       channel_shift)
+        perm, channel_scale, channel_shift = to_device((perm, channel_scale, channel_shift),
+                                                       w.device)
         check_perm(perm, k)
         if channel_scale is not None and (channel_scale.shape != (k,)
                                           or not bool((channel_scale > 0).all())):
@@ -298,8 +299,3 @@ def _package_version() -> str:
     from . import __version__
 
     return __version__
-
-
-def on_device(device: torch.device, *tensors: torch.Tensor | None):
-    """``tensors`` moved to ``device`` (None stays None), as a tuple."""
-    return tuple(t.to(device) if t is not None else None for t in tensors)

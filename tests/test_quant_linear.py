@@ -310,10 +310,10 @@ def test_channel_transform_moves_to_the_weights_device():
     """Calibration statistics (and so perm, scale, shift) live on the CPU; from_linear moves
     every part to the layer's device. The placement helper, checked on the meta device (no
     GPU needed): a part it skipped would stay on the CPU."""
-    from clq_triton.quant_linear import on_device
+    from clq_triton.quant_linear import to_device  # what from_linear moves them with
 
     parts = (torch.randperm(64).int(), torch.rand(64) + 0.5, None, torch.randn(64))
-    moved = on_device(torch.device("meta"), *parts)
+    moved = to_device(parts, torch.device("meta"))
     assert [t is None for t in moved] == [t is None for t in parts]
     assert all(t.device.type == "meta" for t in moved if t is not None)
 
