@@ -54,6 +54,12 @@ VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "CLQ, CLPS at depth": clq_triton.CLQ(clps_target="depth"),
     "CLQ+GPTQ": clq_triton.CLQ(gptq=True),
     "SmoothQuant+GPTQ": clq_triton.SmoothQuant(gptq=True),
+    # the low-rank branch at rank 4 on the toy's width 128 (MLP 512) is the share of SVDQuant's
+    # default rank 32 at PixArt-Σ's width 1152 (about 3 %; its bytes +25 % of a 4-bit weight)
+    "QuaRot+GPTQ": clq_triton.QuaRot(gptq=True),
+    "SVDQuant": clq_triton.SVDQuant(rank=4),
+    "CLQ+low rank": clq_triton.CLQ(lowrank=4),
+    "CLQ+GPTQ+low rank": clq_triton.CLQ(gptq=True, lowrank=4),
 }
 BASELINES = ("RTN", "Hadamard", "QuaRot", "SmoothQuant")
 PARTS = {"CBC": "CLQ w/o CBC", "OBS": "CLQ w/o OBS", "CLPS": "CLQ w/o CLPS"}

@@ -9,7 +9,7 @@ from .capture import CalibrationData, capture_calibration
 from .config import QuantConfig
 from .kernels._runtime import backend, get_backend, set_backend
 from .kernels.tuning import set_autotune
-from .methods import CLQ, METHODS, RTN, Hadamard, Method, QuaRot, SmoothQuant
+from .methods import CLQ, METHODS, RTN, Hadamard, Method, QuaRot, SmoothQuant, SVDQuant
 from .patch import PatchReport, eligible_linears, patch
 from .quant_linear import QuantLinear, use_int8_operands
 from .serialization import load_quantized, save_quantized
@@ -18,4 +18,4 @@ __version__ = "0.2.0"
 __all__ = ["CLQ", "CalibrationData", "Hadamard", "METHODS", "Method", "PatchReport",
            "QuantConfig", "QuantLinear", "QuaRot", "RTN", "SmoothQuant", "backend",
            "capture_calibration", "eligible_linears", "get_backend", "load_quantized", "patch",
-           "save_quantized", "set_autotune", "set_backend", "use_int8_operands"]
+           "save_quantized", "SVDQuant", "set_autotune", "set_backend", "use_int8_operands"]

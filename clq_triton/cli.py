@@ -54,7 +54,7 @@ def quantize(transformer, bits, method, data, timer):
 
 
 def _needs_calibration(method: str) -> bool:
-    return METHODS[method].calibrated
+    return METHODS[method]().calibrated
 
 
 # ------------------------------------------------------------------------------ quickstart

@@ -20,6 +20,10 @@ class QuantConfig:
     hadamard_block: block size B of the block-diagonal Hadamard rotation (power of two >= 16),
         or None for no rotation (plain RTN).
     w_clip / a_clip: clipping ratios in (0, 1] applied to each group's max before scaling.
+    lowrank: rank r of a full-precision low-rank branch (SVDQuant): the weight, after the
+        channel transform, is split into its best rank-r part L (from its SVD), kept in the
+        model's dtype and applied to the unquantized input, and a residual quantized like
+        any weight; 0 = no branch. Clamped to min(N, K) per layer.
     """
 
     w_bits: int = 4
@@ -28,6 +32,7 @@ class QuantConfig:
     hadamard_block: int | None = 64
     w_clip: float = 1.0
     a_clip: float = 1.0
+    lowrank: int = 0
 
     def __post_init__(self):
         check_bit_pair(self.w_bits, self.a_bits)
@@ -39,6 +44,9 @@ class QuantConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+        if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) \
+                or self.lowrank < 0:
+            raise ValueError(f"lowrank must be an int >= 0, got {self.lowrank!r}")
 
     @classmethod
     def from_bits(cls, bits: str, **overrides) -> "QuantConfig":

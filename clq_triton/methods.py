@@ -4,8 +4,8 @@ rotation choice, its channel transform and its parameter search.
     clq_triton.patch(model, "w4a4", CLQ(clps_target="output"), calibration=data)
     clq_triton.patch(model, "w4a4", QuaRot())
 
-A method string ("clq", "smoothquant", "quarot", "rtn", "hadamard") stands for the method's
-default config (:func:`method_config`). Configs serialize to a versioned dict
+A method string ("clq", "smoothquant", "svdquant", "quarot", "rtn", "hadamard") stands for the
+method's default config (:func:`method_config`). Configs serialize to a versioned dict
 (:meth:`Method.to_dict` / :func:`method_from_dict`), stored in checkpoints.
 """
 
@@ -84,16 +84,6 @@ class Hadamard(Method):
 
 
 @dataclass(frozen=True)
-class QuaRot(Method):
-    """The widest power-of-two Hadamard block that divides K, no permutation, no search."""
-
-    name: ClassVar[str] = "quarot"
-
-    def layer_config(self, config, k):
-        return config.replace(hadamard_block=fit_hadamard_block(k, 1 << (k.bit_length() - 1)))
-
-
-@dataclass(frozen=True)
 class Calibrated(Method):
     """Methods that fit each layer on calibration inputs, block by block.
 
@@ -138,6 +128,41 @@ class SmoothQuant(Calibrated):
         return ChannelTransform(scale=smoothquant_scale(amax, linear.weight, self.alpha))
 
 
+@dataclass(frozen=True)
+class SVDQuant(SmoothQuant):
+    """SVDQuant (Li et al., 2025): SmoothQuant's smoothing, then the smoothed weight's best
+    rank-``rank`` part kept in the model's dtype as a branch on the unquantized input, and only
+    the residual quantized (QuantConfig.lowrank); no rotation. The branch costs r·(K + N)
+    16-bit values and two thin matmuls per layer."""
+
+    name: ClassVar[str] = "svdquant"
+    rank: int = 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+
+    def layer_config(self, config, k):
+        return super().layer_config(config, k).replace(lowrank=self.rank)
+
+
+@dataclass(frozen=True)
+class QuaRot(Calibrated):
+    """The widest power-of-two Hadamard block that divides K, no permutation, no search.
+    Data-free with round-to-nearest weights (the default); ``gptq=True`` rounds them with
+    GPTQ as QuaRot's authors publish it, which needs calibration data."""
+
+    name: ClassVar[str] = "quarot"
+
+    @property
+    def calibrated(self) -> bool:  # an instance property: the class alone does not know
+        return self.gptq
+
+    def layer_config(self, config, k):
+        return config.replace(hadamard_block=fit_hadamard_block(k, 1 << (k.bit_length() - 1)))
+
+
 CLPS_TARGETS = ("block", "depth", "output", "layer")
 
 
@@ -161,6 +186,8 @@ class CLQ(Calibrated):
         (the block's output), "depth" (the output of the block, at most ``clps_depth``
         blocks later, where the squared error the layer causes peaks), "output" (the
         transformer's output) or "layer" (the layer's own output, the local baseline).
+    lowrank: rank of SVDQuant's full-precision low-rank branch on each layer
+        (QuantConfig.lowrank), split off after the shift and smoothing; 0 = none.
     """
 
     name: ClassVar[str] = "clq"
@@ -172,6 +199,7 @@ class CLQ(Calibrated):
     clps_depth: int = 3
     shift: bool = True
     smooth_alpha: float | None = 0.3
+    lowrank: int = 0
 
     def __post_init__(self):
         if self.clps_target not in CLPS_TARGETS:
@@ -183,6 +211,9 @@ class CLQ(Calibrated):
         for v in (*self.w_clip_grid, *self.a_clip_grid):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"clip ratios must be in (0, 1], got {v!r}")
+        if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) \
+                or self.lowrank < 0:
+            raise ValueError(f"lowrank must be an int >= 0, got {self.lowrank!r}")
         if not self.w_clip_grid or not self.a_clip_grid:
             raise ValueError("the CLPS grids must not be empty")
         object.__setattr__(self, "w_clip_grid", tuple(float(v) for v in self.w_clip_grid))
@@ -193,6 +224,7 @@ class CLQ(Calibrated):
         return self.clps
 
     def layer_config(self, config, k):
+        config = config.replace(lowrank=self.lowrank)
         if not self.obs:
             return config.replace(hadamard_block=None)
         return super().layer_config(config, k)
@@ -223,7 +255,7 @@ class CLQ(Calibrated):
         return ChannelTransform(perm, scale, shift)
 
 
-METHODS = {cls.name: cls for cls in (CLQ, SmoothQuant, QuaRot, RTN, Hadamard)}
+METHODS = {cls.name: cls for cls in (CLQ, SmoothQuant, SVDQuant, QuaRot, RTN, Hadamard)}
 
 
 def method_config(method: Method | str | None, calibrated: bool) -> Method:

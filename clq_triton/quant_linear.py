@@ -23,6 +23,7 @@ from .kernels.formats import (
 from .kernels.hadamard import check_block, check_perm, rotate_ref
 from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
 from .kernels.rotate_quantize import prepare as prepare_rotation
+from .lowrank import lowrank_split
 
 
 # Buffers that stay float32 through dtype casts of the module (QuantLinear._apply).
@@ -43,7 +44,11 @@ class QuantLinear(nn.Module):
       perm:    int32 [K] channel permutation S, or None
       channel_scale: float32 [K] diagonal of D, or None
       channel_shift: float32 [K] δ, or None (subtracted in float32 inside the rotate kernel)
-      bias:    float32 [N] (b + W·δ), or None
+      bias:    float32 [N] (b + W·δ − δ·down·up), or None
+      lowrank_down / lowrank_up: [K, r] / [r, N] in the model's dtype (cast with the
+               module), the low-rank branch of ``config.lowrank`` = r > 0 (SVDQuant): y gains
+               x·down·up, computed on the raw input x in x's dtype, and the quantized weight
+               holds the residual (clq_triton.lowrank); None when r = 0
     The settings (bits, group size, Hadamard block, activation clip) travel in the state dict
     as extra state, so ``load_state_dict`` restores a layer exactly.
 
@@ -69,10 +74,15 @@ class QuantLinear(nn.Module):
         has_channel_scale: bool = False,
         has_channel_shift: bool = False,
         device=None,
+        lowrank_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         check_k(in_features, config.group_size, "in_features")
         check_block(config.hadamard_block, in_features)
+        rank = config.lowrank
+        if rank > min(in_features, out_features):
+            raise ValueError(f"lowrank {rank} exceeds min(in_features, out_features) = "
+                             f"{min(in_features, out_features)}")
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
@@ -91,6 +101,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("channel_shift", torch.zeros(in_features, device=device)
                              if has_channel_shift else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("lowrank_down", torch.zeros(
+            in_features, rank, dtype=lowrank_dtype, device=device) if rank else None)
+        self.register_buffer("lowrank_up", torch.zeros(
+            rank, out_features, dtype=lowrank_dtype, device=device) if rank else None)
         prepare_rotation(config.hadamard_block, self.qweight.device)
 
     @classmethod
@@ -109,7 +123,9 @@ class QuantLinear(nn.Module):
         perm: int [K] permutation (see kernels.hadamard); channel_scale: positive float [K];
         channel_shift: finite float [K] (the layer then has a bias: b + W·δ, in float64);
         hessian: [K, K] Σ xᵀx of inputs in the rotated basis: the codes are rounded by GPTQ
-        (clq_triton.gptq) with the same scales, instead of to nearest."""
+        (clq_triton.gptq) with the same scales, instead of to nearest.
+        ``config.lowrank`` = r > 0: W·D⁻¹ is split into its rank-min(r, N, K) part, kept in the
+        weight's dtype, and the residual that is quantized (clq_triton.lowrank)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -129,14 +145,21 @@ class QuantLinear(nn.Module):
                                           or not bool(torch.isfinite(channel_shift).all())):
             raise ValueError(f"channel_shift must be finite with shape ({k},)")
         b = linear.bias
+        config = config.replace(lowrank=min(config.lowrank, n, k))
         q = cls(k, n, bias=b is not None or channel_shift is not None, config=config,
                 has_perm=perm is not None, has_channel_scale=channel_scale is not None,
-                has_channel_shift=channel_shift is not None, device=w.device)
+                has_channel_shift=channel_shift is not None, device=w.device,
+                lowrank_dtype=w.dtype)
         w = w.float()
+        cs = None
         if channel_scale is not None:
             cs = channel_scale.to(torch.float32)
             q.channel_scale.copy_(cs)
             w = w / cs
+        if config.lowrank:
+            down, up, w = lowrank_split(w, config.lowrank, cs, q.lowrank_down.dtype)
+            q.lowrank_down.copy_(down)
+            q.lowrank_up.copy_(up)
         w_rot = rotate_ref(w, perm, config.hadamard_block)
         if hessian is None:
             codes, scale, group_int = quantize_weight_ref(w_rot, config.group_size,
@@ -154,6 +177,8 @@ class QuantLinear(nn.Module):
             shift = channel_shift.to(torch.float64)
             q.channel_shift.copy_(shift)
             folded = linear.weight.detach().double() @ shift
+            if config.lowrank:  # the branch sees x, not x − δ
+                folded -= (shift @ q.lowrank_down.double()) @ q.lowrank_up.double()
             q.bias.copy_(folded if b is None else b.detach().double() + folded)
         elif b is not None:
             q.bias.copy_(b.detach().float())
@@ -184,6 +209,8 @@ class QuantLinear(nn.Module):
             y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight, self.wscale,
                                                   self.wgroup, self.bias, cfg.a_bits,
                                                   cfg.w_bits, cfg.group_size, x.dtype)
+        if self.lowrank_down is not None:
+            y = torch.addmm(y, x2 @ self.lowrank_down.to(x.dtype), self.lowrank_up.to(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
@@ -238,16 +265,23 @@ class QuantLinear(nn.Module):
             raise
 
     def dequantized_weight(self) -> torch.Tensor:
-        """Ŵ in the original basis, float32 [N, K]: Q(W·D⁻¹·G)·Gᵀ·D."""
+        """Ŵ in the original basis, float32 [N, K]: Q(W·D⁻¹·G)·Gᵀ·D (+ (down·up)ᵀ with a
+        low-rank branch)."""
         w_rot = dequantize_weight_ref(unpack_codes(self.qweight, self.config.w_bits),
                                       self.wscale, self.wgroup)
         w = rotate_ref(w_rot, self.perm, self.config.hadamard_block, inverse=True)
-        return w * self.channel_scale if self.channel_scale is not None else w
+        if self.channel_scale is not None:
+            w = w * self.channel_scale
+        if self.lowrank_down is not None:
+            w = w + (self.lowrank_down.float() @ self.lowrank_up.float()).T
+        return w
 
     def weight_nbytes(self) -> int:
-        """Bytes of the quantized weight: packed codes plus scales (bias excluded)."""
+        """Bytes of the quantized weight: packed codes, scales and the low-rank branch (bias
+        excluded)."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.qweight, self.wscale, self.wgroup) if t is not None)
+                   for t in (self.qweight, self.wscale, self.wgroup, self.lowrank_down,
+                             self.lowrank_up) if t is not None)
 
     def get_extra_state(self) -> torch.Tensor:
         """The layer's settings (format, config, shape) as JSON bytes in a uint8 CPU tensor: a
@@ -269,11 +303,13 @@ class QuantLinear(nn.Module):
                 "full-precision model again")
         cfg = QuantConfig(**state["config"])
         if (state["in_features"], state["out_features"]) != (self.in_features, self.out_features) \
-                or cfg.w_bits != self.config.w_bits or cfg.group_size != self.config.group_size:
+                or cfg.w_bits != self.config.w_bits or cfg.group_size != self.config.group_size \
+                or cfg.lowrank != self.config.lowrank:
             raise ValueError(
                 f"state is for a {state['in_features']}→{state['out_features']} "
-                f"{cfg.name} g{cfg.group_size} layer, this layer is {self.in_features}→"
-                f"{self.out_features} {self.config.name} g{self.config.group_size}")
+                f"{cfg.name} g{cfg.group_size} rank {cfg.lowrank} layer, this layer is "
+                f"{self.in_features}→{self.out_features} {self.config.name} "
+                f"g{self.config.group_size} rank {self.config.lowrank}")
         self.config = cfg
         prepare_rotation(cfg.hadamard_block, self.qweight.device)
 
@@ -283,7 +319,7 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, {c.name}, group_size={c.group_size}, "
                 f"hadamard_block={c.hadamard_block}, perm={self.perm is not None}, "
                 f"channel_scale={self.channel_scale is not None}, "
-                f"channel_shift={self.channel_shift is not None}")
+                f"channel_shift={self.channel_shift is not None}, lowrank={c.lowrank}")
 
 
 def use_int8_operands(model: nn.Module, enabled: bool = True) -> int:

@@ -149,7 +149,9 @@ def _layer_spec(m: QuantLinear) -> dict:
     return {"config": m.config.to_dict(), "in_features": m.in_features,
             "out_features": m.out_features, "bias": m.bias is not None,
             "perm": m.perm is not None, "channel_scale": m.channel_scale is not None,
-            "channel_shift": m.channel_shift is not None}
+            "channel_shift": m.channel_shift is not None,
+            **({"lowrank_dtype": str(m.lowrank_down.dtype).removeprefix("torch.")}
+               if m.lowrank_down is not None else {})}
 
 
 def _layer_from_spec(name: str, spec: dict) -> QuantLinear:
@@ -157,7 +159,9 @@ def _layer_from_spec(name: str, spec: dict) -> QuantLinear:
         return QuantLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                            config=QuantConfig(**spec["config"]), has_perm=spec["perm"],
                            has_channel_scale=spec["channel_scale"],
-                           has_channel_shift=spec.get("channel_shift", False))
+                           has_channel_shift=spec.get("channel_shift", False),
+                           lowrank_dtype=_dtype(spec.get("lowrank_dtype", "float32"),
+                                                f"layer {name!r}"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"config.json: layer {name!r} has bad settings {spec!r}: {e}") from e
 

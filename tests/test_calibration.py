@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import clq_triton
-from clq_triton import CLQ, CalibrationData, QuantConfig, QuantLinear, SmoothQuant
+from clq_triton import CLQ, CalibrationData, QuantConfig, QuantLinear, QuaRot, SmoothQuant
 from clq_triton.blocks import block_inputs, find_blocks, output_tensors, run_model
 from clq_triton.kernels.hadamard import rotate_ref
 from clq_triton.smoothing import outlier_permutation
@@ -186,7 +186,7 @@ def test_every_method_runs_in_the_pipeline(bits):
         method = cls(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9)) if cls is CLQ else name
         pipe.transformer = copy.deepcopy(fp)
         report = clq_triton.patch(pipe.transformer, bits, method,
-                                  data if cls.calibrated else None, progress=False)
+                                  data if cls().calibrated else None, progress=False)
         assert report.method.name == name
         assert len(report.quantized) == 6
         images = sample(pipe, [4], steps=2)
@@ -351,17 +351,17 @@ def test_cli_calibration_sees_the_last_sampler_steps():
 
 
 def test_gptq_option_lowers_the_error_of_calibrated_methods(pipe_and_data):
-    """CLQ(gptq=True) / SmoothQuant(gptq=True): the same layers, scales and storage, codes
-    rounded by GPTQ on the calibration inputs' Hessian in each layer's basis; the model's
-    W4A8 error on those inputs drops."""
+    """CLQ(gptq=True) / SmoothQuant(gptq=True) / QuaRot(gptq=True): the same layers, scales
+    and storage, codes rounded by GPTQ on the calibration inputs' Hessian in each layer's
+    basis; the model's W4A8 error on those inputs drops. QuaRot without GPTQ is data-free."""
     pipe, data = pipe_and_data
     fp = pipe.transformer
-    for method in (CLQ(clps=False), SmoothQuant()):
+    for method in (CLQ(clps=False), SmoothQuant(), QuaRot()):
         errs = {}
         for gptq in (False, True):
             m = copy.deepcopy(fp)
             clq_triton.patch(m, "w4a8", type(method)(**{**method.__dict__, "gptq": gptq}),
-                             data, progress=False)
+                             data if gptq or method.calibrated else None, progress=False)
             errs[gptq] = model_error(m, fp, data)
         print(f"{method.name} W4A8 error: RTN {errs[False]:.4f}, GPTQ {errs[True]:.4f}")
         assert errs[True] < errs[False]

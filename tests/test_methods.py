@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from clq_triton import QuantLinear
-from clq_triton import CLQ, METHODS, RTN, Hadamard, QuantConfig, QuaRot, SmoothQuant
+from clq_triton import CLQ, METHODS, RTN, Hadamard, QuantConfig, QuaRot, SmoothQuant, SVDQuant
 from clq_triton.methods import method_config, method_from_dict
 
 
@@ -11,7 +11,8 @@ from clq_triton.methods import method_config, method_from_dict
                                                w_clip_grid=(1.0, 0.7)),
                                     CLQ(shift=True, smooth_alpha=0.3, clps_target="depth",
                                         clps_depth=2), SmoothQuant(alpha=0.8),
-                                    QuaRot(), RTN(), Hadamard()])
+                                    SVDQuant(alpha=0.4, rank=8), CLQ(lowrank=4, gptq=True),
+                                    QuaRot(), QuaRot(gptq=True), RTN(), Hadamard()])
 def test_method_config_roundtrips_through_its_dict(method):
     d = method.to_dict()
     assert d["method"] == method.name and d["format"] == 1
@@ -45,7 +46,8 @@ def test_each_method_owns_its_rotation_choice():
 def test_names_stand_for_default_configs():
     assert method_config("CLQ", True) == CLQ()
     assert method_config(None, True) == CLQ() and method_config(None, False) == Hadamard()
-    assert set(METHODS) == {"clq", "smoothquant", "quarot", "rtn", "hadamard"}
+    assert set(METHODS) == {"clq", "smoothquant", "svdquant", "quarot", "rtn", "hadamard"}
+    assert not QuaRot().calibrated and QuaRot(gptq=True).calibrated
     assert CLQ(w_clip_grid=[1.0, 0.9]).w_clip_grid == (1.0, 0.9)  # hashable, frozen
 
 

@@ -29,6 +29,7 @@ def outputs(model, data):
 
 METHODS = {"rtn": "rtn", "hadamard": "hadamard", "quarot": "quarot",
            "smoothquant": clq_triton.SmoothQuant(alpha=0.6),
+           "svdquant": clq_triton.SVDQuant(rank=4),
            "clq": CLQ(w_clip_grid=(1.0, 0.85), a_clip_grid=(1.0, 0.9))}
 
 
@@ -38,7 +39,7 @@ def test_save_load_bit_identical_for_every_method(pipe_and_data, tmp_path, name)
     model = copy.deepcopy(pipe.transformer)
     clq_triton.patch(model, QuantConfig.from_bits("w4a8", group_size=None if name == "rtn"
                                                   else 64), METHODS[name],
-                     data if clq_triton.METHODS[name].calibrated else None, progress=False)
+                     data if clq_triton.METHODS[name]().calibrated else None, progress=False)
     clq_triton.save_quantized(model, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     config = json.loads((tmp_path / "config.json").read_text())
