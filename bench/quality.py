@@ -60,7 +60,9 @@ VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "SVDQuant": clq_triton.SVDQuant(rank=4),
     "CLQ+low rank": clq_triton.CLQ(lowrank=4),
     "CLQ+GPTQ+low rank": clq_triton.CLQ(gptq=True, lowrank=4),
+    "CLQ, fused q/k/v": clq_triton.CLQ(),
 }
+FUSED = {"CLQ, fused q/k/v"}  # patched with fuse_projections=True (one layer for q/k/v)
 BASELINES = ("RTN", "Hadamard", "QuaRot", "SmoothQuant")
 PARTS = {"CBC": "CLQ w/o CBC", "OBS": "CLQ w/o OBS", "CLPS": "CLQ w/o CLPS"}
 SHORT = {"CLQ w/o CBC": "w/o CBC", "CLQ w/o OBS": "w/o OBS", "CLQ w/o CLPS": "w/o CLPS",
@@ -169,7 +171,8 @@ def main():
                 model = copy.deepcopy(fp)
                 t0 = time.time()
                 clq_triton.patch(model, config, variants[name],
-                                 data if variants[name].calibrated else None, progress=False)
+                                 data if variants[name].calibrated else None, progress=False,
+                                 fuse_projections=name in FUSED)
                 calib = time.time() - t0
                 per_seed = [metrics(sample(model, sched, labels, steps=args.steps,
                                            guidance=args.guidance, seed=s),

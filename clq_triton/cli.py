@@ -39,12 +39,12 @@ class Timer:
         self.last = now
 
 
-def quantize(transformer, bits, method, data, timer):
+def quantize(transformer, bits, method, data, timer, fuse=False):
     """Patch ``transformer`` in place; print what was quantized and skipped, and the memory."""
     from . import patch
 
     before = model_bytes(transformer)
-    report = patch(transformer, bits, method, data, progress=True)
+    report = patch(transformer, bits, method, data, progress=True, fuse_projections=fuse)
     timer.lap(f"{report.method.name} {bits} " + ("calibration + " if data else "")
               + "quantization")
     print(report.summary())
@@ -75,7 +75,7 @@ def tiny_dit(args, timer):
         data = calibration_data(fp, sched, args.steps, args.calib_samples)
         timer.lap(f"captured {len(data)} calibration steps")
     quant = copy.deepcopy(fp)
-    quantize(quant, args.bits, args.method, data, timer)
+    quantize(quant, args.bits, args.method, data, timer, args.fuse_projections)
     if args.save:
         _save(quant, args.save)
 
@@ -152,7 +152,7 @@ def real_pipeline(args, timer):
     timer.lap(f"generated {len(fp_imgs)} FP images")
     data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer)
             if _needs_calibration(args.method) else None)
-    quantize(pipe.transformer, args.bits, args.method, data, timer)
+    quantize(pipe.transformer, args.bits, args.method, data, timer, args.fuse_projections)
     q_imgs = generate(pipe, prompts, args.steps, seed=0)
     timer.lap(f"generated {len(q_imgs)} {args.bits} images")
     print(f"PSNR of {args.bits} vs FP (same noise): {psnr(q_imgs, fp_imgs, 1.0):.2f} dB")
@@ -211,7 +211,7 @@ def cmd_quantize(args) -> None:
     data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer,
                                args.calib_batch) if _needs_calibration(args.method) else None)
     if is_main():  # one process calibrates and saves, the others wait and load
-        quantize(pipe.transformer, args.bits, args.method, data, timer)
+        quantize(pipe.transformer, args.bits, args.method, data, timer, args.fuse_projections)
         _save(pipe.transformer, args.out, args.model)
     barrier()
     if not is_main():
@@ -235,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=steps, help="sampler steps")
         p.add_argument("--calib-samples", type=int, default=calib,
                        help="sampler steps captured for calibration")
+        p.add_argument("--fuse-projections", action="store_true",
+                       help="quantize q/k/v (and k/v, context q/k/v) as one layer each: one "
+                            "activation pass and one GEMM (diffusers' fusion)")
 
     q = sub.add_parser("quickstart", help="calibrate + quantize + compare FP and quantized images")
     common(q)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .calibrate import calibrate
 from .capture import CalibrationData
 from .config import QuantConfig
+from .fuse import fuse_projections as fuse_model_projections
 from .kernels.formats import check_k
 from .methods import Method, method_config
 from .quant_linear import QuantLinear
@@ -37,6 +38,7 @@ class PatchReport:
     fp_weight_bytes: int = 0  # bf16 bytes of the quantized layers' weights
     quant_weight_bytes: int = 0  # their packed codes + scales
     clps_depths: dict[str, int] = field(default_factory=dict)  # CLQ(clps_target="depth")
+    fused: list[str] = field(default_factory=list)  # layers made by fuse_projections=True
 
     @property
     def weight_ratio(self) -> float:
@@ -101,6 +103,7 @@ def patch(
     blocks_only: bool = True,
     strict: bool = False,
     progress: bool = True,
+    fuse_projections: bool = False,
 ) -> PatchReport:
     """Quantize ``model`` in place: every eligible nn.Linear becomes a QuantLinear.
 
@@ -113,6 +116,11 @@ def patch(
     include / exclude / blocks_only: which layers (see :func:`eligible_linears`).
     Layers whose K is not a multiple of 64 and of the group size stay in full precision,
     listed in ``PatchReport.skipped`` with a warning (``strict=True`` raises instead).
+    fuse_projections: first fuse the projections that read one tensor (q/k/v, cross-attention
+      k/v, context q/k/v) into one Linear each with diffusers' own fusion
+      (:func:`clq_triton.fuse.fuse_projections`, function-preserving), so each is one
+      activation pass and one GEMM; listed in ``PatchReport.fused``. Calibration gives a fused
+      layer one channel transform and one clip pair. The fusion stays if patching fails.
 
     All or nothing: if quantizing any layer fails, every layer replaced so far is put back
     and the error is raised. A model that already holds QuantLinears is refused (patching
@@ -137,6 +145,11 @@ def patch(
             "patch the full-precision model, or load a saved one with "
             "clq_triton.load_quantized")
     report = PatchReport(method=method, config=config)
+    if fuse_projections:
+        report.fused = fuse_model_projections(model)
+        if not report.fused:
+            warnings.warn(f"fuse_projections=True: {type(model).__name__} has no attention "
+                          "projections diffusers can fuse; nothing was fused", stacklevel=2)
     todo = []
     for name, lin in eligible_linears(model, include, exclude, blocks_only):
         k = lin.in_features

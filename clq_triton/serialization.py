@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .fuse import fuse_projections
 from .jsonfile import write_atomic
 from .kernels.formats import FORMAT_VERSION
 from .quant_linear import QuantLinear
@@ -51,6 +52,8 @@ def save_quantized(model: nn.Module, directory: str) -> None:
              "clq_triton_version": __version__, "method": patched.get("method"),
              "config": patched.get("config"), "torch_dtype": _model_dtype(model, layers),
              "layers": {n: _layer_spec(m) for n, m in layers.items()}}
+    if any(getattr(m, "fused_projections", False) for m in model.modules()):
+        quant["fused_projections"] = True  # load_quantized fuses the built model the same way
     model_config = getattr(model, "config", None)
     config = dict(model_config) if model_config is not None else {}
     config["_class_name"] = type(model).__name__
@@ -73,6 +76,9 @@ def load_quantized(directory: str, model: nn.Module | None = None,
       transformer from ``from_pretrained``) to load into — it is left exactly as it was when
       anything in the checkpoint is wrong.
     device: where to put the loaded model (default: the passed model's device, or CPU).
+    A checkpoint saved with fused projections (``patch(..., fuse_projections=True)``) first
+    fuses the model's projections (function-preserving; done before validation, so a
+    passed-in model is fused even when the checkpoint is then refused).
     """
     config, quant = _read_config(directory)
     specs = quant["layers"]
@@ -86,6 +92,8 @@ def load_quantized(directory: str, model: nn.Module | None = None,
     elif type(model).__name__ != config.get("_class_name"):
         raise ValueError(f"checkpoint {directory} is for {config.get('_class_name')}, "
                          f"got {type(model).__name__}")
+    if quant.get("fused_projections"):  # saved with fused projections: fuse the same way
+        fuse_projections(model)
     # validate everything before the model is touched
     for name, spec in specs.items():
         try:

@@ -41,8 +41,9 @@ def test_quickstart_on_shipped_tiny_dit(tmp_path):
 
 def test_quickstart_data_free_method_captures_nothing(tmp_path):
     stdout = run(QUICKSTART, "--method", "rtn", "--num-images", "2", "--steps", "2",
-                 "--out", str(tmp_path / "g.png"))
-    assert "captured" not in stdout and "rtn w4a4: quantized 36 Linear layers" in stdout
+                 "--out", str(tmp_path / "g.png"), "--fuse-projections")
+    # fused: each block's q/k/v are one layer, 6 blocks x (6 - 2) layers
+    assert "captured" not in stdout and "rtn w4a4: quantized 24 Linear layers" in stdout
 
 
 def _saved_pipeline(path):

@@ -1,0 +1,141 @@
+"""Fused projections (patch(..., fuse_projections=True)): function-preserving on every
+architecture, one activation pass and one GEMM per distinct quantized input, calibration and
+checkpoints of fused models."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import clq_triton
+from clq_triton import CLQ, QuantConfig, QuantLinear
+from clq_triton.fuse import fuse_projections
+from diffusers_models import MODELS, output
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    with clq_triton.backend("torch"):
+        yield
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the package's two operators by name while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {"rotate_quantize": 0, "quant_matmul": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("clq_triton::"):
+            op = name.split("::")[1].split(".")[0]
+            self.counts[op] = self.counts.get(op, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _linears(model):
+    return sum(type(m) is nn.Linear for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fusion_preserves_the_function_and_drops_unfused_layers(name, gen):
+    model, inputs = MODELS[name](gen)
+    model.eval()
+    with torch.no_grad():
+        want = output(model, inputs)
+    n = _linears(model)
+    fused = fuse_projections(model)
+    assert fused and all(isinstance(model.get_submodule(f), nn.Linear) for f in fused)
+    for f in fused:  # the layers a fused one replaces are gone (no dead FP weights)
+        attn = model.get_submodule(f.rpartition(".")[0])
+        if f.endswith("to_qkv"):
+            assert not hasattr(attn, "to_q") and not hasattr(attn, "to_v")
+        else:
+            assert not hasattr(attn, "to_k")
+    removed = sum(3 if f.endswith("qkv") else 2 for f in fused) - len(fused)
+    assert _linears(model) == n - removed
+    with torch.no_grad():
+        torch.testing.assert_close(output(model, inputs), want, rtol=0, atol=1e-6)
+    assert fuse_projections(model) == []  # already fused: a no-op
+
+
+# FLUX's single blocks read one tensor in to_qkv and proj_mlp: two layers diffusers does not
+# fuse, so one input per single block is still quantized twice
+STILL_SHARED = {"flux": 2}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_activation_pass_per_distinct_input(name, gen):
+    """Fused: every block forward makes as many rotate_quantize and quant_matmul calls as
+    its QuantLinears read distinct tensors (counted by identity in pre-hooks; blocks that
+    read the same caption in cross-attention have different weights, so they count apart)."""
+    counts = {}
+    for fuse in (False, True):
+        model, inputs = MODELS[name](gen)
+        model.eval()
+        report = clq_triton.patch(model, QuantConfig(group_size=None), progress=False,
+                                  fuse_projections=fuse)
+        assert bool(report.fused) == fuse
+        seen = []  # (block, input) per QuantLinear call
+        hooks = [m.register_forward_pre_hook(
+            lambda m, a, block=".".join(n.split(".")[:2]): seen.append((block, a[0])))
+            for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        with torch.no_grad(), OpCount() as ops:
+            output(model, inputs)
+        for h in hooks:
+            h.remove()
+        distinct = [(b, t) for i, (b, t) in enumerate(seen)
+                    if not any(b == c and t is u for c, u in seen[:i])]
+        assert ops.counts["rotate_quantize"] == ops.counts["quant_matmul"] == len(seen)
+        if fuse:
+            assert len(seen) - len(distinct) == STILL_SHARED.get(name, 0)
+        counts[fuse] = len(seen)
+    print(f"{name}: activation passes per forward {counts[False]} -> {counts[True]}")
+    assert counts[True] < counts[False]
+
+
+def test_pixart_block_passes_ten_to_seven(gen):
+    """PixArt: self-attention q/k/v → one, cross-attention k/v → one: 10 → 7 per block."""
+    model, inputs = MODELS["pixart"](gen)
+    clq_triton.patch(model.eval(), "w4a4", progress=False, fuse_projections=True)
+    with torch.no_grad(), OpCount() as ops:
+        output(model, inputs)
+    assert ops.counts["rotate_quantize"] == 7 * len(model.transformer_blocks)
+
+
+def test_fused_clq_calibrates_and_round_trips(gen, tmp_path):
+    """CLQ calibrates a fused PixArt (one transform per fused layer); the checkpoint records
+    the fusion and loads bit for bit, built from config.json or into the FP model."""
+    fp, inputs = MODELS["pixart"](gen)
+    fp.eval()
+    model = copy.deepcopy(fp)
+    data = clq_triton.CalibrationData.from_inputs([inputs])
+    report = clq_triton.patch(model, "w4a8", CLQ(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0,)),
+                              data, progress=False, fuse_projections=True)
+    assert "transformer_blocks.0.attn1.to_qkv" in report.quantized
+    assert not any(n.endswith(("to_q", "to_k", "to_v")) and "attn1" in n
+                   for n in report.quantized)
+    qkv = model.get_submodule("transformer_blocks.0.attn1.to_qkv")
+    assert qkv.out_features == 3 * model.get_submodule(
+        "transformer_blocks.0.attn1.to_out.0").in_features and qkv.perm is not None
+    with torch.no_grad():
+        want = output(model, inputs)
+        err = float((want - output(fp, inputs)).norm() / output(fp, inputs).norm())
+    assert err < 0.2, err
+    clq_triton.save_quantized(model, str(tmp_path))
+    for target in (None, copy.deepcopy(fp)):
+        loaded = clq_triton.load_quantized(str(tmp_path), target)
+        with torch.no_grad():
+            assert torch.equal(output(loaded, inputs), want)
+    assert os.path.exists(tmp_path / "config.json")
+
+
+def test_fusing_a_model_without_attention_warns(gen):
+    model = nn.Sequential(nn.ModuleList([nn.Linear(64, 64)]))
+    model.forward = lambda x: model[0][0](x)
+    with pytest.warns(UserWarning, match="nothing was fused"):
+        clq_triton.patch(model, "w4a4", progress=False, fuse_projections=True)
