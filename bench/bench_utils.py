@@ -5,9 +5,12 @@ Run: ``pytest bench --benchmark-only``. Each benchmark stores what it measured (
 backend, GB/s or TOPS) in ``extra_info``; ``--benchmark-json FILE`` keeps them.
 """
 
+import contextlib
 import time
 
 import torch
+
+import clq_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -107,3 +110,31 @@ def flux_model(full: bool, device, dtype, blocks: int = 19, batch: int = 2, seed
         timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
         img_ids=torch.zeros(tokens, 3, device=device), txt_ids=torch.zeros(text, 3, device=device))
     return model, inputs
+
+
+class _NoLaunch:
+    """Stands for a Triton kernel: ``kernel[grid](*args, **kw)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_kernels(arch: int = 90):
+    """The package's launch path with every Triton launch a no-op, on CPU tensors: the
+    "triton" backend, the GEMM table of ``arch`` and no interpreter, so a QuantLinear call
+    runs its checks, both operators' dispatch and real implementations (allocations, launch
+    plans, config lookups, argument packing) — everything a GPU call runs on the host except
+    Triton's own launcher."""
+    from unittest import mock
+
+    from clq_triton.kernels import _runtime, gemm, rotate_quantize, tuning
+
+    with clq_triton.backend("triton"), \
+            mock.patch.object(gemm, "_quant_matmul_kernel", _NoLaunch()), \
+            mock.patch.object(rotate_quantize, "_rotate_quantize_kernel", _NoLaunch()), \
+            mock.patch.object(tuning, "device_arch", lambda device: arch), \
+            mock.patch.object(_runtime, "INTERPRET", False), \
+            mock.patch.object(gemm, "interpreter_on", lambda: False), \
+            mock.patch.object(rotate_quantize, "interpreter_on", lambda: False):
+        yield

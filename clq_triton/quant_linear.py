@@ -189,28 +189,30 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features in its last dim, "
                              f"expected in_features={self.in_features}")
-        if x.device != self.qweight.device:
+        if x.device != self._buffers["qweight"].device:
             raise ValueError(f"x is on {x.device} but the QuantLinear weights are on "
                              f"{self.qweight.device}; move one of them")
         cfg = self.config
+        buf = self._buffers  # read directly: Module.__getattr__ costs µs per buffer per call
         x2 = x.reshape(-1, self.in_features)
-        w8 = self._buffers.get("qweight_int8")
+        w8 = buf.get("qweight_int8")
         int8 = w8 is not None
         # The operators directly: the buffers were validated when built or loaded (perm read
         # back once there), so the hot path checks only x, above.
-        xq, xs = torch.ops.clq_triton.rotate_quantize(x2, self.perm, self.channel_shift,
-                                                      self.channel_scale, cfg.hadamard_block,
+        xq, xs = torch.ops.clq_triton.rotate_quantize(x2, buf["perm"], buf["channel_shift"],
+                                                      buf["channel_scale"], cfg.hadamard_block,
                                                       cfg.group_size, cfg.a_bits,
                                                       float(cfg.a_clip), not int8)
         if int8:
-            y = torch.ops.clq_triton.quant_matmul(xq, xs, w8, self.wscale, None,
-                                                  self.bias, 8, 8, cfg.group_size, x.dtype)
+            y = torch.ops.clq_triton.quant_matmul(xq, xs, w8, buf["wscale"], None,
+                                                  buf["bias"], 8, 8, cfg.group_size, x.dtype)
         else:
-            y = torch.ops.clq_triton.quant_matmul(xq, xs, self.qweight, self.wscale,
-                                                  self.wgroup, self.bias, cfg.a_bits,
+            y = torch.ops.clq_triton.quant_matmul(xq, xs, buf["qweight"], buf["wscale"],
+                                                  buf["wgroup"], buf["bias"], cfg.a_bits,
                                                   cfg.w_bits, cfg.group_size, x.dtype)
-        if self.lowrank_down is not None:
-            y = torch.addmm(y, x2 @ self.lowrank_down.to(x.dtype), self.lowrank_up.to(x.dtype))
+        down = buf["lowrank_down"]
+        if down is not None:
+            y = torch.addmm(y, x2 @ down.to(x.dtype), buf["lowrank_up"].to(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):

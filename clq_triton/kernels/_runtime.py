@@ -73,6 +73,22 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+_LIB = torch.library.Library("clq_triton", "DEF")  # the package's operators
+
+
+def define_op(schema: str, impl, fake) -> None:
+    """Define the operator ``torch.ops.clq_triton.<name>`` from its ``schema`` ("name(Tensor
+    x, ...) -> ..."), with ``impl`` as its kernel on every backend and ``fake`` for meta and
+    fake tensors (torch.compile, CUDA-graph capture). The low-level ``torch.library`` API:
+    the same operator as ``@torch.library.custom_op`` makes, at about half its dispatch cost
+    per call (bench/test_bench_model.py::test_host_overhead). No autograd formula
+    (inference only)."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"clq_triton::{name}", fake, lib=_LIB)
+
+
 def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
     """Raise TypeError/ValueError unless ``t`` is fp16/bf16/fp32 with ``ndim`` dims."""
     if not isinstance(t, torch.Tensor):

@@ -21,7 +21,8 @@ group; the weight's float scale stays in the epilogue.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+
 
 import torch
 import triton
@@ -31,6 +32,7 @@ from . import tuning
 from ._runtime import (
     FLOAT_DTYPES,
     aligned,
+    define_op,
     check_float,
     check_out,
     check_same_device,
@@ -154,8 +156,10 @@ def signature(a_bits: int, w_bits: int, out_dtype: torch.dtype) -> dict:
             "stride_cm": "i32", "has_bias": "u1"}
 
 
+@functools.lru_cache(maxsize=None)
 def constexprs(a_bits: int, w_bits: int, group_size: int | None,
                cfg: tuning.GemmConfig) -> dict:
+    """The kernel's compile-time arguments (cached, shared: copy to change)."""
     return dict(A_BITS=a_bits, W_BITS=w_bits, GROUP=group_size or 0,
                 BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M)
 
@@ -195,7 +199,7 @@ def _config(xq, m, n, k, a_bits, w_bits, group_size, launch) -> tuning.GemmConfi
     dev = xq.device
     arch = tuning.device_arch(dev)
     if not tuning.autotune_enabled():
-        return tuning.table_config(arch, m).fitted(k, group_size, a_bits, w_bits, arch)
+        return tuning.fitted_table_config(arch, m, k, group_size, a_bits, w_bits)
     key = tuning.autotune_key(arch, w_bits, a_bits, group_size, m, n, k)
     candidates = {c.fitted(k, group_size, a_bits, w_bits, arch)
                   for c in tuning.autotune_space(arch)}
@@ -263,11 +267,7 @@ def quant_matmul(
     return out
 
 
-@torch.library.custom_op("clq_triton::quant_matmul", mutates_args=())
-def quant_matmul_op(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-                    wz: Optional[torch.Tensor], bias: Optional[torch.Tensor], a_bits: int,
-                    w_bits: int, group_size: Optional[int],
-                    out_dtype: torch.dtype) -> torch.Tensor:
+def _quant_matmul_op(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out_dtype):
     """The PyTorch operator ``torch.ops.clq_triton.quant_matmul`` (inputs validated by
     :func:`quant_matmul`): opaque to torch.compile, capturable in CUDA graphs."""
     c = torch.empty((xq.shape[0], wq.shape[0]), dtype=out_dtype, device=xq.device)
@@ -275,9 +275,13 @@ def quant_matmul_op(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: to
     return c
 
 
-@quant_matmul_op.register_fake
-def _(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out_dtype):
+def _quant_matmul_fake(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out_dtype):
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+
+
+define_op("quant_matmul(Tensor xq, Tensor xs, Tensor wq, Tensor ws, Tensor? wz, Tensor? bias, "
+          "int a_bits, int w_bits, int? group_size, ScalarType out_dtype) -> Tensor",
+          _quant_matmul_op, _quant_matmul_fake)
 
 
 def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
@@ -298,7 +302,7 @@ def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
     wz_arg = wz if wz is not None else b8.view(torch.uint8)
 
     def launch(cfg):
-        grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
+        grid = ((-(-m // cfg.BM)) * (-(-n // cfg.BN)),)  # not triton.cdiv: µs per call
         _quant_matmul_kernel[grid](
             a8, xs, b8, wz_arg, ws, bias_arg, c, m, n, k,
             a8.stride(0), xs.stride(0), b8.stride(0), wz.stride(0) if wz is not None else 0,

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -42,6 +41,7 @@ import triton.language as tl
 
 from ._runtime import (
     aligned,
+    define_op,
     check_float,
     check_out,
     check_same_device,
@@ -283,6 +283,13 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int,
          prescaled: bool = False, phase: int = 0, packed: bool = True) -> dict:
+    """The kernel's compile-time arguments and launch settings for one call (:func:`_plan`;
+    cached: one dict per setting, shared by every call — copy it to change it)."""
+    return _plan(dtype, block, group_size, bits, prescaled, phase, packed, interpreter_on())
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(dtype, block, group_size, bits, prescaled, phase, packed, interpreter) -> dict:
     """The kernel's compile-time arguments and launch settings for one call; ``prescaled``:
     a channel shift or multiplier is applied before the rotation; ``phase``: 0 = one launch,
     1 / 2 = the two launches of split scale spans (``TILE_GROUP == 0`` only); ``packed``:
@@ -302,7 +309,7 @@ def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: in
     tile_group = group_size if group_size is not None and group_size <= t else 0
     if phase and tile_group:
         raise ValueError("phases 1 and 2 are for scale spans wider than the tile")
-    bm = 16 if interpreter_on() else {64: 64, 128: 32, 256: 16}[t]
+    bm = 16 if interpreter else {64: 64, 128: 32, 256: 16}[t]
     if phase == 1:  # writes no codes: one specialization for every code format
         bits, packed = 4, True
     # 8 warps where float32 values take two dots per half on wide tiles: at T = 256, ptxas
@@ -409,7 +416,7 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
     # placeholders of the signature's pointer types (never read: flags / ROT / PHASE say so)
     h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else s
     span = k if group is None else group
-    n_row_blocks = triton.cdiv(m, c["BM"])
+    n_row_blocks = -(-m // c["BM"])  # not triton.cdiv: a jit-level call, µs per launch
     phases, n_cols, partial = (0,), k // c["T"], s
     if not c["TILE_GROUP"]:
         if _split_spans(n_row_blocks * (k // span), x2.device):
@@ -476,12 +483,8 @@ def _output_shapes(x, group_size, bits, packed):
     return (m, stored_columns(sb, k)), code_dtype(sb), (m, n_groups(group_size, k))
 
 
-@torch.library.custom_op("clq_triton::rotate_quantize", mutates_args=())
-def rotate_quantize_op(x: torch.Tensor, perm: Optional[torch.Tensor],
-                       channel_shift: Optional[torch.Tensor],
-                       channel_scale: Optional[torch.Tensor], block: Optional[int],
-                       group_size: Optional[int], bits: int, clip: float,
-                       packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotate_quantize_op(x, perm, channel_shift, channel_scale, block, group_size, bits, clip,
+                       packed=True):
     """The PyTorch operator ``torch.ops.clq_triton.rotate_quantize`` (inputs validated by
     :func:`rotate_quantize`): opaque to torch.compile, capturable in CUDA graphs."""
     q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
@@ -491,11 +494,16 @@ def rotate_quantize_op(x: torch.Tensor, perm: Optional[torch.Tensor],
     return q, s
 
 
-@rotate_quantize_op.register_fake
-def _(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, packed=True):
+def _rotate_quantize_fake(x, perm, channel_shift, channel_scale, block, group_size, bits, clip,
+                          packed=True):
     q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
     return (x.new_empty(q_shape, dtype=q_dtype),
             x.new_empty(s_shape, dtype=torch.float32))
+
+
+define_op("rotate_quantize(Tensor x, Tensor? perm, Tensor? channel_shift, Tensor? channel_scale, "
+          "int? block, int? group_size, int bits, float clip, bool packed=True) "
+          "-> (Tensor, Tensor)", _rotate_quantize_op, _rotate_quantize_fake)
 
 
 def rotate_quantize(

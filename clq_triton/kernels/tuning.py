@@ -135,6 +135,13 @@ def table_configs(arch: int) -> tuple[GemmConfig, ...]:
     return tuple(c for _, c in _TABLE[table_family(arch)])
 
 
+@functools.lru_cache(maxsize=4096)
+def fitted_table_config(arch: int, m: int, k: int, group_size: int | None, a_bits: int,
+                        w_bits: int) -> GemmConfig:
+    """``table_config(arch, m).fitted(...)``, cached per call shape (a launch's host cost)."""
+    return table_config(arch, m).fitted(k, group_size, a_bits, w_bits, arch)
+
+
 def table_config(arch: int, m: int) -> GemmConfig:
     for bound, cfg in _TABLE[table_family(arch)]:
         if bound is None or m <= bound:
