@@ -11,11 +11,12 @@ from .kernels._runtime import backend, get_backend, set_backend
 from .kernels.tuning import set_autotune
 from .methods import CLQ, METHODS, RTN, Hadamard, Method, QuaRot, SmoothQuant, SVDQuant
 from .patch import PatchReport, eligible_linears, patch
-from .quant_linear import QuantLinear, use_int8_operands
+from .quant_linear import QuantLinear, cache_dequantized_weights, use_int8_operands
 from .serialization import load_quantized, save_quantized
 
 __version__ = "0.2.0"
 __all__ = ["CLQ", "CalibrationData", "Hadamard", "METHODS", "Method", "PatchReport",
            "QuantConfig", "QuantLinear", "QuaRot", "RTN", "SmoothQuant", "backend",
+           "cache_dequantized_weights",
            "capture_calibration", "eligible_linears", "get_backend", "load_quantized", "patch",
            "save_quantized", "SVDQuant", "set_autotune", "set_backend", "use_int8_operands"]

@@ -10,7 +10,7 @@ from torch import nn
 from .capture import to_device
 from .config import QuantConfig
 from .gptq import gptq_weight
-from .kernels._runtime import check_float
+from .kernels._runtime import check_float, use_triton
 from .kernels.formats import (
     FORMAT_VERSION,
     check_k,
@@ -20,14 +20,14 @@ from .kernels.formats import (
     stored_columns,
     unpack_codes,
 )
+from .kernels.gemm import dequantized_matmul
 from .kernels.hadamard import check_block, check_perm, rotate_ref
 from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
 from .kernels.rotate_quantize import prepare as prepare_rotation
 from .lowrank import lowrank_split
 
-
 # Buffers that stay float32 through dtype casts of the module (QuantLinear._apply).
-FLOAT32_BUFFERS = ("wscale", "channel_scale", "channel_shift", "bias")
+FLOAT32_BUFFERS = ("wscale", "channel_scale", "channel_shift", "bias", "weight_dequantized")
 
 
 class QuantLinear(nn.Module):
@@ -58,6 +58,11 @@ class QuantLinear(nn.Module):
     4-bit values stored as int8, so the GEMM runs the W8A8 kernel, whose tiles need no
     unpacking (no int4 tensor-core dot exists from Hopper on). Same result: the integer sums
     are exact either way.
+
+    Dequantized weight cache (:meth:`cache_dequantized_weight`, off by default and not
+    saved): for the PyTorch reference path (the ``"torch"`` backend, GPUs below sm_80, CPU),
+    Ŵ in the rotated basis as a float32 [N, K] buffer (4 bytes per weight), built once instead
+    of on every call; the same result bit for bit. The Triton path ignores it.
 
     forward: x [..., K] fp16/bf16/fp32 → y [..., N] in x's dtype. On CUDA (or with
     TRITON_INTERPRET=1) it runs the fused rotate+quantize kernel then the quantized GEMM; on
@@ -203,7 +208,10 @@ class QuantLinear(nn.Module):
                                                       buf["channel_scale"], cfg.hadamard_block,
                                                       cfg.group_size, cfg.a_bits,
                                                       float(cfg.a_clip), not int8)
-        if int8:
+        wd = buf.get("weight_dequantized")
+        if wd is not None and not use_triton(xq):
+            y = dequantized_matmul(xq, xs, wd, buf["bias"], cfg.a_bits, x.dtype)
+        elif int8:
             y = torch.ops.clq_triton.quant_matmul(xq, xs, w8, buf["wscale"], None,
                                                   buf["bias"], 8, 8, cfg.group_size, x.dtype)
         else:
@@ -244,6 +252,8 @@ class QuantLinear(nn.Module):
                                       unexpected_keys, error_msgs)
         if self.qweight_int8 is not None:
             self.use_int8_operands(True)
+        if self._buffers.get("weight_dequantized") is not None:
+            self.cache_dequantized_weight(True)
 
     def use_int8_operands(self, enabled: bool = True) -> "QuantLinear":
         """Run the GEMM on int8 operands (see the class docstring); ``False`` frees the int8
@@ -256,6 +266,19 @@ class QuantLinear(nn.Module):
         else:  # no buffer at all rather than a None one (accelerate's hooks move every one)
             self._buffers.pop("qweight_int8", None)
             self._non_persistent_buffers_set.discard("qweight_int8")
+        return self
+
+    def cache_dequantized_weight(self, enabled: bool = True) -> "QuantLinear":
+        """Keep Ŵ (rotated basis, float32 [N, K]) for the PyTorch reference path (see the
+        class docstring); ``False`` frees it. Built now, on the layer's device: never lazily
+        inside a call (a CUDA-graph capture would own it)."""
+        if enabled:
+            self._buffers["weight_dequantized"] = dequantize_weight_ref(
+                unpack_codes(self.qweight, self.config.w_bits), self.wscale, self.wgroup)
+            self._non_persistent_buffers_set.add("weight_dequantized")
+        else:
+            self._buffers.pop("weight_dequantized", None)
+            self._non_persistent_buffers_set.discard("weight_dequantized")
         return self
 
     def __getattr__(self, name):
@@ -331,6 +354,14 @@ def use_int8_operands(model: nn.Module, enabled: bool = True) -> int:
     layers = [m.use_int8_operands(enabled) for m in model.modules()
               if isinstance(m, QuantLinear)]
     return sum(4 in (m.config.w_bits, m.config.a_bits) for m in layers)
+
+
+def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> int:
+    """:meth:`QuantLinear.cache_dequantized_weight` on every QuantLinear in ``model``; returns
+    how many. For the PyTorch reference path only (4 bytes per weight); call it after the
+    model is on its device."""
+    return len([m.cache_dequantized_weight(enabled) for m in model.modules()
+                if isinstance(m, QuantLinear)])
 
 
 def _package_version() -> str:

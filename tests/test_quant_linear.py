@@ -372,3 +372,36 @@ def test_failed_load_leaves_the_layer_as_it_was(gen):
         if torch.is_tensor(v):
             assert torch.equal(v, before[k]), k
     assert torch.equal(dst(x), y)
+
+
+@pytest.mark.parametrize("bits, group", [("w4a4", 64), ("w4a8", None), ("w8a8", 128)])
+def test_dequantized_weight_cache_for_the_reference_path(gen, bits, group):
+    """cache_dequantized_weight: the reference path's output bit for bit, without
+    dequantizing the weight per call; float32 through casts, not saved, rebuilt on load; the
+    Triton path ignores it."""
+    from unittest import mock
+
+    import clq_triton
+    from clq_triton.kernels import gemm
+
+    lin = nn.Linear(128, 48)
+    q = QuantLinear.from_linear(lin, QuantConfig.from_bits(bits, group_size=group))
+    x = torch.randn(5, 7, 128, generator=gen)
+    with clq_triton.backend("torch"):
+        want = q(x)
+        assert clq_triton.cache_dequantized_weights(nn.Sequential(q)) == 1
+        with mock.patch.object(gemm, "dequantize_weight_ref", side_effect=AssertionError):
+            assert torch.equal(q(x), want)
+    assert "weight_dequantized" not in q.state_dict()
+    torch.testing.assert_close(q.weight_dequantized, gemm.dequantize_weight_ref(
+        gemm.unpack_codes(q.qweight, q.config.w_bits), q.wscale, q.wgroup), rtol=0, atol=0)
+    fresh = QuantLinear(128, 48, config=q.config).cache_dequantized_weight()
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.weight_dequantized, q.weight_dequantized)
+    with clq_triton.backend("triton"):
+        plain = QuantLinear.from_linear(lin, q.config)
+        assert torch.equal(q(x), plain(x))
+    q.to(torch.bfloat16)
+    assert q.weight_dequantized.dtype == torch.float32
+    q.cache_dequantized_weight(False)
+    assert "weight_dequantized" not in q._buffers

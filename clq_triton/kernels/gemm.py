@@ -185,9 +185,14 @@ def kernel_specs(arch: int, configs=None):
 def quant_matmul_ref(xq, xs, wq, ws, wz, bias, a_bits, w_bits, out_dtype):
     """Reference of :func:`quant_matmul` (and the CPU fallback): one float32 matmul of the
     dequantized operands — the same sum as the kernel's integer dots, up to fp32 rounding."""
+    return dequantized_matmul(xq, xs, dequantize_weight_ref(unpack_codes(wq, w_bits), ws, wz),
+                              bias, a_bits, out_dtype)
+
+
+def dequantized_matmul(xq, xs, w, bias, a_bits, out_dtype):
+    """:func:`quant_matmul_ref` with the weight already dequantized: ``w`` float32 [N, K]."""
     a = dequantize_ref(unpack_codes(xq, a_bits), xs)
-    b = dequantize_weight_ref(unpack_codes(wq, w_bits), ws, wz)
-    y = a @ b.T
+    y = a @ w.T
     if bias is not None:
         y += bias.float()[None, :]
     return y.to(out_dtype)
