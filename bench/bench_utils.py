@@ -10,8 +10,6 @@ import time
 
 import torch
 
-import clq_triton
-
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -128,6 +126,7 @@ def stubbed_kernels(arch: int = 90):
     Triton's own launcher."""
     from unittest import mock
 
+    import clq_triton  # not at import: conftest loads this module before TRITON_INTERPRET is set
     from clq_triton.kernels import _runtime, gemm, rotate_quantize, tuning
 
     with clq_triton.backend("triton"), \

@@ -3,15 +3,20 @@ transformer (hidden 1152, 16 heads × 72, 28 blocks, caption 4096; random weight
 how they grow with blocks, calibration samples and tokens.
 
     python bench/calibration_scale.py          # writes bench/results/calibration-scale.{md,json}
+    python bench/calibration_scale.py --options   # the base size with each calibration option
 
 Each configuration runs in its own process (peak RSS is per process). A calibration sample is
 one transformer call at batch 2 (a CFG pair) with 8 caption tokens. CLQ runs with its default
 settings except the CLPS grid, which is 2 × 2 here (time grows linearly with the grid size).
+``--options`` runs the base configuration with plain CLQ and each option (GPTQ weights, the
+low-rank branch at rank 32, SVDQuant at rank 32) in one run, so their costs compare as ratios;
+its rows replace those of the same settings in the json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -25,13 +30,22 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 BASE = dict(blocks=4, samples=2, tokens=64)
 SWEEP = ([dict(BASE, blocks=b) for b in (2, 4, 8)] + [dict(BASE, samples=s) for s in (4, 8)]
          + [dict(BASE, tokens=t) for t in (256,)] + [dict(BASE, blocks=28)])
+GRID = dict(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9))
+METHODS = {  # name → method config (the CLPS grid 2 × 2 wherever there is one)
+    "CLQ": lambda clq: clq.CLQ(**GRID),
+    "CLQ+GPTQ": lambda clq: clq.CLQ(gptq=True, **GRID),
+    "CLQ+low rank 32": lambda clq: clq.CLQ(lowrank=32, **GRID),
+    "SVDQuant 32": lambda clq: clq.SVDQuant(rank=32),
+}
+OPTIONS = [dict(BASE, method=m) for m in METHODS]
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_one(blocks: int, samples: int, tokens: int, threads: int) -> dict:
+def run_one(blocks: int, samples: int, tokens: int, threads: int, method: str = "CLQ",
+            grid: int = 2) -> dict:
     import torch
     from diffusers import PixArtTransformer2DModel
 
@@ -55,36 +69,60 @@ def run_one(blocks: int, samples: int, tokens: int, threads: int) -> dict:
     before = _rss_mib()
     t0 = time.perf_counter()
     with clq_triton.backend("torch"):
-        report = clq_triton.patch(model, "w4a4", clq_triton.CLQ(w_clip_grid=(1.0, 0.9),
-                                                                a_clip_grid=(1.0, 0.9)),
-                                  data, progress=False)
+        m = METHODS[method](clq_triton)
+        if grid == 1 and hasattr(m, "w_clip_grid"):  # --only-base: the test's quick run
+            m = dataclasses.replace(m, w_clip_grid=(1.0,), a_clip_grid=(1.0,))
+        report = clq_triton.patch(model, "w4a4", m, data, progress=False)
     seconds = time.perf_counter() - t0
-    return dict(blocks=blocks, samples=samples, tokens=tokens, layers=len(report.quantized),
-                seconds=seconds, fp_weights_mib=weights_mib, rss_before_mib=before,
-                peak_rss_mib=_rss_mib(), threads=threads)
+    return dict(method=method, blocks=blocks, samples=samples, tokens=tokens,
+                layers=len(report.quantized), seconds=seconds, fp_weights_mib=weights_mib,
+                rss_before_mib=before, peak_rss_mib=_rss_mib(), threads=threads)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help="internal: run one configuration given as JSON")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only-base", action="store_true", help="one small configuration (tests)")
+    ap.add_argument("--only-base", action="store_true",
+                    help="one small configuration with a 1 × 1 clip grid (tests)")
+    ap.add_argument("--options", action="store_true",
+                    help="the base size with each calibration option (rows merge into the json)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "calibration-scale.md"))
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(**json.loads(args.one), threads=args.threads)))
         return
     rows = []
-    for cfg in ([dict(blocks=1, samples=1, tokens=16)] if args.only_base else SWEEP):
+    todo = SWEEP
+    if args.options:
+        todo = OPTIONS
+    if args.only_base:
+        todo = [dict(blocks=1, samples=1, tokens=16, method=m, grid=1)
+                for m in (METHODS if args.options else ["CLQ"])]
+    for cfg in todo:
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg),
                               "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"blocks {r['blocks']} samples {r['samples']} tokens {r['tokens']}: "
+        print(f"{r['method']}: blocks {r['blocks']} samples {r['samples']} tokens {r['tokens']}: "
               f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB "
               f"(FP weights {r['fp_weights_mib']:.0f} MiB)", flush=True)
+    if args.options:
+        rows = _merged(args.out, rows)
     write(args, rows)
+
+
+def _key(r):
+    return (r.get("method", "CLQ"), r["blocks"], r["samples"], r["tokens"])
+
+
+def _merged(out, rows):
+    """The json's rows with ``rows`` in place of those with the same settings."""
+    path = os.path.splitext(out)[0] + ".json"
+    old = json.load(open(path))["rows"] if os.path.exists(path) else []
+    new = {_key(r): r for r in rows}
+    return [r for r in old if _key(r) not in new] + rows
 
 
 def write(args, rows) -> None:
@@ -102,12 +140,13 @@ def write(args, rows) -> None:
         "tokens; each row is its own process. Peak RSS includes the FP model (fp32 weights) "
         "and the quantized layers being built.",
         "",
-        "| blocks | samples | image tokens | layers | calibration s | s per block | "
+        "| method | blocks | samples | image tokens | layers | calibration s | s per block | "
         "FP weights MiB | peak RSS MiB | peak RSS − weights MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['blocks']} | {r['samples']} | {r['tokens']} | {r['layers']} | "
+        lines.append(f"| {r.get('method', 'CLQ')} | {r['blocks']} | {r['samples']} | "
+                     f"{r['tokens']} | {r['layers']} | "
                      f"{r['seconds']:.1f} | {r['seconds'] / r['blocks']:.2f} | "
                      f"{r['fp_weights_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
                      f"{r['peak_rss_mib'] - r['fp_weights_mib']:.0f} |")

@@ -63,7 +63,10 @@ VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "CLQ, fused q/k/v": clq_triton.CLQ(),
 }
 FUSED = {"CLQ, fused q/k/v"}  # patched with fuse_projections=True (one layer for q/k/v)
-BASELINES = ("RTN", "Hadamard", "QuaRot", "SmoothQuant")
+BASELINES = ("RTN", "Hadamard", "QuaRot", "SmoothQuant", "QuaRot+GPTQ", "SmoothQuant+GPTQ",
+             "SVDQuant")
+# CLQ's options (not ablations): the candidates for its best W4A4 variant
+CLQ_OPTIONS = ("CLQ", "CLQ+GPTQ", "CLQ+low rank", "CLQ+GPTQ+low rank")
 PARTS = {"CBC": "CLQ w/o CBC", "OBS": "CLQ w/o OBS", "CLPS": "CLQ w/o CLPS"}
 SHORT = {"CLQ w/o CBC": "w/o CBC", "CLQ w/o OBS": "w/o OBS", "CLQ w/o CLPS": "w/o CLPS",
          "CLQ w/o shift+smoothing": "w/o shift+sm.", "CLQ, CLPS at depth": "CLPS at depth"}
@@ -296,6 +299,21 @@ def summary_tables(rows: dict) -> list[str]:
         cells = [top or "", margin(rs["CLQ"], rs[top]) if top else ""]
         cells += [margin(rs["CLQ"], rs[v]) if v in rs else "" for v in PARTS.values()]
         out.append(f"| {' | '.join(g)} | " + " | ".join(cells) + " |")
+
+    out += ["", "W4A4 against W4A8: the best CLQ option at W4A4 (by PSNR) minus CLQ at W4A8 in "
+            "the same scale mode, PSNR dB / accuracy; in brackets the larger seed-std", "",
+            "| model | scales | best at w4a4 | its PSNR / acc | CLQ w4a8 | gap |",
+            "|---|---|---|---|---|---|"]
+    for model, bits, mode in groups:
+        w8 = means.get((model, "w4a8", mode), {}).get("CLQ")
+        got = {m: r for m, r in means[(model, bits, mode)].items() if m in CLQ_OPTIONS}
+        if bits != "w4a4" or w8 is None or not got:
+            continue
+        top = max(got, key=lambda m: stat(got[m], "psnr")[0])
+        r = got[top]
+        out.append(f"| {model} | {mode} | {top} | {stat(r, 'psnr')[0]:.2f} / "
+                   f"{stat(r, 'acc')[0]:.3f} | {stat(w8, 'psnr')[0]:.2f} / "
+                   f"{stat(w8, 'acc')[0]:.3f} | {margin(r, w8)} |")
     return out
 
 

@@ -16,13 +16,16 @@ def test_benchmark_suite_runs_once(tmp_path):
 
 
 def test_calibration_scale_runs(tmp_path):
-    """bench/calibration_scale.py end to end on its smallest configuration (one PixArt-Σ-wide
-    block, one sample, 16 tokens), in a subprocess as in a real run."""
+    """bench/calibration_scale.py --options end to end on its smallest configuration (one
+    PixArt-Σ-wide block, one sample, 16 tokens, a 1 × 1 clip grid), in a subprocess as in a
+    real run: CLQ and each calibration option."""
     out_md = tmp_path / "scale.md"
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "calibration_scale.py"),
-                          "--only-base", "--threads", "2", "--out", str(out_md)],
-                         capture_output=True, text=True, timeout=600)
+                          "--only-base", "--options", "--threads", "2", "--out", str(out_md)],
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    rows = [ln for ln in out_md.read_text().splitlines() if ln.startswith("| 1 |")]
-    assert len(rows) == 1 and rows[0].split("|")[4].strip() == "10"  # 10 Linears quantized
+    rows = [ln.split("|") for ln in out_md.read_text().splitlines() if "| 1 | 1 | 16 |" in ln]
+    assert sorted(r[1].strip() for r in rows) == ["CLQ", "CLQ+GPTQ", "CLQ+low rank 32",
+                                                  "SVDQuant 32"]
+    assert all(r[5].strip() == "10" for r in rows)  # 10 Linears quantized
     assert (tmp_path / "scale.json").exists()
