@@ -38,6 +38,13 @@ def test_every_kernel_specialization_compiles_and_fits():
     assert not problems, f"{len(problems)} of {len(results)} failed:\n" + "\n".join(problems[:20])
     wgmma = [r for r in results if r.job.kernel == "gemm" and r.job.arch == 90]
     assert wgmma and all(r.int8_mma for r in wgmma)  # wgmma with s8 operands
+    # the weight-left product takes the unpacked 4-bit weight from registers (wgmma's A
+    # operand), the plain product reads both operands from shared memory
+    left = [r for r in wgmma if dict(r.job.constexprs)["W_LEFT"]]
+    assert left and all(r.wgmma_register_a for r in left)
+    assert all(dict(r.job.constexprs)["W_BITS"] == 4 for r in left)
+    assert not any(r.wgmma_register_a for r in wgmma if not dict(r.job.constexprs)["W_LEFT"]
+                   and dict(r.job.constexprs)["A_BITS"] == 8)
 
 
 def test_gemm_specs_cover_every_mode():

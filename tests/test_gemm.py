@@ -144,3 +144,39 @@ def _args(**over):
 def test_gemm_errors(over, err, match):
     with pytest.raises(err, match=match):
         quant_matmul(**_args(**over))
+
+
+@pytest.mark.parametrize("w_bits, a_bits", PAIRS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_gemm_weight_left_product_is_the_same(kernel_device, w_bits, a_bits, group, gen,
+                                              monkeypatch):
+    """GemmConfig(W_LEFT=True), the transposed product (the weight as the left dot operand):
+    exact integer sums and the scaled result as the plain product's, bit for bit."""
+    from clq_triton.kernels import gemm
+    from clq_triton.kernels.tuning import GemmConfig
+
+    m, n, k = 19, 40, 512
+    a, b, xq, wq, wz = _operands(m, n, k, w_bits, a_bits, group, gen)
+    xs = torch.rand(m, k // group if group else 1, generator=gen) + 0.01
+    ws = torch.rand(n, generator=gen) * 0.1
+    args = (*_on(kernel_device, xq, xs, wq, ws, wz), None, a_bits, w_bits, group,
+            torch.float32)
+    plain = quant_matmul(*args)
+    base = GemmConfig(64, 64, 64, 4, 2) if kernel_device == "cuda" else GemmConfig(16, 32, 64,
+                                                                                   4, 1)
+    chosen = []
+
+    def config(xq, m, n, k, a_bits, w_bits, group_size, launch):
+        cfg = GemmConfig(**{**base.__dict__, "W_LEFT": True}).fitted(k, group_size, a_bits,
+                                                                   w_bits)
+        chosen.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(gemm, "_config", config)
+    left = quant_matmul(*args)
+    assert chosen[-1].W_LEFT == (w_bits == 4)  # nothing to unpack on 8-bit weights
+    ones = quant_matmul(*_on(kernel_device, xq, torch.ones_like(xs), wq, torch.ones(n), wz),
+                        None, a_bits, w_bits, group, torch.float32)
+    exact = a.long() @ (_weights64(b, wz, torch.ones(n)).long()).T
+    assert torch.equal(ones.cpu().double(), exact.double())
+    assert torch.equal(left, plain)

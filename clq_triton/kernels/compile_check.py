@@ -38,6 +38,9 @@ WGMMA_S8 = re.compile(r"wgmma\.mma_async[.\w]*\.s8\.s8")
 TCGEN05_I8 = re.compile(r"tcgen05\.mma[.\w:]*\.kind::i8")
 MMA_S8 = re.compile(r"mma\.sync\.aligned[.\w]*\.s8\.s8")
 _MMA = re.compile(r"\b(?:wgmma\.mma_async|tcgen05\.mma|mma\.sync)\b")
+# wgmma whose A operand is registers: "wgmma... {d...}, {a...}, desc_b, ..." (a descriptor
+# "%rd" in place of the second brace when A is read from shared memory)
+_WGMMA_REGISTER_A = re.compile(r"wgmma\.mma_async[^;{]*\{[^}]*\}\s*,\s*\{")
 _PTX_TARGET = re.compile(r"^\s*\.target\s+(sm_\w+)", re.M)
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -90,6 +93,7 @@ class Result:
     registers: int | None = None  # with ptxas (--registers) only
     spill_bytes: int | None = None  # spill stores + loads
     mma: int | None = None  # tensor-core instructions in the PTX
+    wgmma_register_a: int | None = None  # wgmma with its A operand in registers (GEMM)
 
     def problem(self) -> str:
         """'' when the job passed, else why it did not."""
@@ -190,7 +194,9 @@ def compile_job(job: Job, registers: bool = False) -> Result:
         int8 = bool(int8_mma_pattern(job.arch).search(k.asm["ptx"]))
     res = Result(job, True, shared=k.metadata.shared, limit=limit, int8_mma=int8,
                  self_cancelling_fma=self_cancelling_fmas(k.asm["ptx"]),
-                 mma=len(_MMA.findall(k.asm["ptx"])))
+                 mma=len(_MMA.findall(k.asm["ptx"])),
+                 wgmma_register_a=len(_WGMMA_REGISTER_A.findall(k.asm["ptx"]))
+                 if job.kernel == "gemm" else None)
     if registers:
         try:
             res.registers, res.spill_bytes = ptxas_report(k.asm["ptx"], job.arch)
@@ -200,16 +206,24 @@ def compile_job(job: Job, registers: bool = False) -> Result:
     return res
 
 
+# fp16 tensors (the GEMM's output, the rotate kernel's input) are compiled on this arch only;
+# elsewhere bf16 stands for them: the same element size, so the same tiles, shared memory and
+# registers (a third fewer compiles; CI runs every job under two triton versions)
+FP16_ARCH = 90
+
+
 def all_jobs(archs=None) -> list[Job]:
     """GEMM: every launcher specialization with the shipped table's configs on each arch, and
     every autotune candidate on sm_90 (bf16 out). Rotate+quantize: every launcher
-    specialization on each arch."""
+    specialization on each arch. fp16 variants on sm_90 only (:data:`FP16_ARCH`)."""
     from . import gemm, rotate_quantize, tuning
 
     archs = archs or tuning.ARCHS
     jobs = []
 
     def add(kernel, arch, sig, cons, warps, stages, what):
+        if arch != FP16_ARCH and "*fp16" in sig.values():
+            return
         jobs.append(Job(kernel, arch, tuple(sorted(sig.items())), tuple(sorted(cons.items())),
                         warps, stages, what))
 

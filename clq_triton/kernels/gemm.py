@@ -77,12 +77,28 @@ ALIGNED = ("a_ptr", "as_ptr", "b_ptr", "bz_ptr", "bs_ptr", "bias_ptr", "c_ptr", 
 NO_SPECIALIZE = ("M", "N", "stride_asm", "stride_bzn", "stride_cm")
 
 
+@triton.jit
+def _int_dot(a, b, acc, W_LEFT: tl.constexpr):
+    """acc + a·bᵀ (a: activation tile [BM, BK'], b: weight tile [BN, BK'], int8), or with
+    ``W_LEFT`` acc + b·aᵀ, the transposed product (acc [BN, BM]): the weight is then the
+    left operand, which Hopper's wgmma takes from registers, so an unpacked 4-bit weight tile
+    need not go through shared memory."""
+    # one return after a static if/else: triton also traces the statements after a static
+    # branch that returns, which broke non-square tiles (BM != BN)
+    if W_LEFT:
+        out = tl.dot(b, tl.trans(a), acc, out_dtype=tl.int32)
+    else:
+        out = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    return out
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _quant_matmul_kernel(
     a_ptr, as_ptr, b_ptr, bz_ptr, bs_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_asm, stride_bn, stride_bzn, stride_cm, has_bias,
     A_BITS: tl.constexpr, W_BITS: tl.constexpr, GROUP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    W_LEFT: tl.constexpr,
 ):
     # Grouped launch order so that neighbouring programs share weight tiles in L2.
     pid = tl.program_id(0)
@@ -98,29 +114,40 @@ def _quant_matmul_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     rm_in = rm % M  # wrapped rows/cols load valid memory; the store is masked
     rn_in = rn % N
+    # accumulators are [BM, BN], or [BN, BM] with W_LEFT (transposed back at the end)
     if GROUP == 0:
-        acc_i = tl.zeros((BM, BN), dtype=tl.int32)
+        if W_LEFT:
+            acc_i = tl.zeros((BN, BM), dtype=tl.int32)
+        else:
+            acc_i = tl.zeros((BM, BN), dtype=tl.int32)
         for k0 in range(0, K, BK):
             if A_BITS == 8 and W_BITS == 8:
                 cols = k0 + tl.arange(0, BK)
                 a = tl.load(a_ptr + rm_in[:, None].to(tl.int64) * stride_am + cols[None, :])
                 b = tl.load(b_ptr + rn_in[:, None].to(tl.int64) * stride_bn + cols[None, :])
-                acc_i = tl.dot(a, tl.trans(b), acc_i, out_dtype=tl.int32)
+                acc_i = _int_dot(a, b, acc_i, W_LEFT)
             else:
                 a_lo, a_hi = _load_halves(a_ptr, rm_in, stride_am, k0, BK, A_BITS)
                 b_lo, b_hi = _load_halves(b_ptr, rn_in, stride_bn, k0, BK, W_BITS)
-                acc_i = tl.dot(a_lo, tl.trans(b_lo), acc_i, out_dtype=tl.int32)
-                acc_i = tl.dot(a_hi, tl.trans(b_hi), acc_i, out_dtype=tl.int32)
+                acc_i = _int_dot(a_lo, b_lo, acc_i, W_LEFT)
+                acc_i = _int_dot(a_hi, b_hi, acc_i, W_LEFT)
+        if W_LEFT:
+            acc_i = tl.trans(acc_i)
         xs = tl.load(as_ptr + rm_in.to(tl.int64) * stride_asm)
         acc = acc_i.to(tl.float32) * xs[:, None]
     else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if W_LEFT:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+            zero = tl.zeros((BN, BM), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            zero = tl.zeros((BM, BN), dtype=tl.int32)
         for k0 in range(0, K, BK):  # BK == GROUP: one group per step
             if A_BITS == 8 and W_BITS == 8:
                 cols = k0 + tl.arange(0, BK)
                 a = tl.load(a_ptr + rm_in[:, None].to(tl.int64) * stride_am + cols[None, :])
                 b = tl.load(b_ptr + rn_in[:, None].to(tl.int64) * stride_bn + cols[None, :])
-                d = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+                d = _int_dot(a, b, zero, W_LEFT)
             else:
                 a_lo, a_hi = _load_halves(a_ptr, rm_in, stride_am, k0, BK, A_BITS)
                 b_lo, b_hi = _load_halves(b_ptr, rn_in, stride_bn, k0, BK, W_BITS)
@@ -129,10 +156,15 @@ def _quant_matmul_kernel(
                     z = z.to(tl.int8)[:, None]
                     b_lo = b_lo * z
                     b_hi = b_hi * z
-                d = tl.dot(a_lo, tl.trans(b_lo), out_dtype=tl.int32)
-                d = tl.dot(a_hi, tl.trans(b_hi), d, out_dtype=tl.int32)
+                d = _int_dot(a_lo, b_lo, zero, W_LEFT)
+                d = _int_dot(a_hi, b_hi, d, W_LEFT)
             xs = tl.load(as_ptr + rm_in.to(tl.int64) * stride_asm + k0 // GROUP)
-            acc += d.to(tl.float32) * xs[:, None]
+            if W_LEFT:
+                acc += d.to(tl.float32) * xs[None, :]
+            else:
+                acc += d.to(tl.float32) * xs[:, None]
+        if W_LEFT:
+            acc = tl.trans(acc)
     acc = acc * tl.load(bs_ptr + rn_in)[None, :]
     if has_bias:
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
@@ -161,7 +193,7 @@ def constexprs(a_bits: int, w_bits: int, group_size: int | None,
                cfg: tuning.GemmConfig) -> dict:
     """The kernel's compile-time arguments (cached, shared: copy to change)."""
     return dict(A_BITS=a_bits, W_BITS=w_bits, GROUP=group_size or 0,
-                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M)
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, W_LEFT=cfg.W_LEFT)
 
 
 def kernel_specs(arch: int, configs=None):
@@ -200,7 +232,7 @@ def dequantized_matmul(xq, xs, w, bias, a_bits, out_dtype):
 
 def _config(xq, m, n, k, a_bits, w_bits, group_size, launch) -> tuning.GemmConfig:
     if interpreter_on() and not xq.is_cuda:
-        return tuning.INTERPRETER_CONFIG.fitted(k, group_size)
+        return tuning.INTERPRETER_CONFIG.fitted(k, group_size, a_bits, w_bits)
     dev = xq.device
     arch = tuning.device_arch(dev)
     if not tuning.autotune_enabled():

@@ -43,6 +43,10 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     GROUP_M: int = 8
+    # the transposed product W·Xᵀ: a 4-bit weight unpacked in registers is wgmma's register
+    # operand instead of a round trip through shared memory (docs/gpu.md); same results.
+    # Autotune candidates on sm_90 only until a GPU has measured it
+    W_LEFT: bool = False
 
     def smem_estimate(self, a_bits: int, w_bits: int) -> int:
         """Bytes of shared memory: the pipelined operand tiles plus, with a 4-bit side, the
@@ -65,8 +69,10 @@ class GemmConfig:
         per thread at 128×256 with 8 warps (sm_90, triton 3.6, ``compile_check
         --registers``); on an H100 BM 128 × BN 128 ran W4A4 group 128 1.15-1.28× faster than
         128×256 at M 4096 (bench/results/gpu-2026-11-27/)."""
+        # W_LEFT needs a 4-bit weight (nothing to unpack otherwise: the plain product)
+        base = replace(self, W_LEFT=self.W_LEFT and w_bits == 4)
         if group_size is not None:
-            cfg = replace(self, BK=group_size)
+            cfg = replace(base, BK=group_size)
             if arch is not None:
                 while 2 * cfg.BM * cfg.BN > _accumulator_registers(arch) * 32 * cfg.num_warps \
                         and cfg.BN > 64:
@@ -75,7 +81,7 @@ class GemmConfig:
             bk = self.BK
             while k % bk:
                 bk //= 2
-            cfg = replace(self, BK=bk)
+            cfg = replace(base, BK=bk)
         if arch is None:
             return cfg
         limit = shared_limit(arch)
@@ -156,7 +162,12 @@ def autotune_space(arch: int) -> tuple[GemmConfig, ...]:
     small = (GemmConfig(64, 128, 128, 4, 3), GemmConfig(64, 128, 128, 4, 4),
              GemmConfig(128, 64, 128, 4, 3), GemmConfig(64, 64, 128, 4, 4),
              GemmConfig(128, 128, 64, 4, 3))
-    return big + small if table_family(arch) == 90 else small + big[:4]
+    if table_family(arch) != 90:
+        return small + big[:4]
+    # the weight-left product (wgmma's register operand) at the table's large tiles
+    left = (GemmConfig(128, 128, 128, 8, 3, W_LEFT=True),
+            GemmConfig(128, 256, 128, 8, 3, W_LEFT=True))
+    return big + small + left
 
 
 # ------------------------------------------------------------------- opt-in autotuning
