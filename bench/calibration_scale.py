@@ -74,7 +74,8 @@ def run_one(blocks: int, samples: int, tokens: int, threads: int, method: str = 
             m = dataclasses.replace(m, w_clip_grid=(1.0,), a_clip_grid=(1.0,))
         report = clq_triton.patch(model, "w4a4", m, data, progress=False)
     seconds = time.perf_counter() - t0
-    return dict(method=method, blocks=blocks, samples=samples, tokens=tokens,
+    return dict(date=str(datetime.date.today()), method=method, blocks=blocks, samples=samples,
+                tokens=tokens,
                 layers=len(report.quantized), seconds=seconds, fp_weights_mib=weights_mib,
                 rss_before_mib=before, peak_rss_mib=_rss_mib(), threads=threads)
 
@@ -120,7 +121,8 @@ def _key(r):
 def _merged(out, rows):
     """The json's rows with ``rows`` in place of those with the same settings."""
     path = os.path.splitext(out)[0] + ".json"
-    old = json.load(open(path))["rows"] if os.path.exists(path) else []
+    stored = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+    old = [dict(r, date=r.get("date", stored.get("date"))) for r in stored["rows"]]
     new = {_key(r): r for r in rows}
     return [r for r in old if _key(r) not in new] + rows
 
@@ -134,18 +136,20 @@ def write(args, rows) -> None:
     lines = [
         "# CLQ calibration at PixArt-Σ size (hidden 1152, random weights)",
         "",
-        f"Measured {datetime.date.today()} on {machine} by `python bench/calibration_scale.py"
-        f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`. CLQ W4A4 (CBC, OBS, CLPS "
+        f"Measured on {machine} by `python bench/calibration_scale.py` (the sweep) and "
+        "`--options` (the base size with each option, one run), on the dates given. CLQ W4A4 "
+        "(CBC, OBS, CLPS "
         "target block) with a 2 × 2 clip grid; a sample is one call at batch 2 with 8 caption "
         "tokens; each row is its own process. Peak RSS includes the FP model (fp32 weights) "
         "and the quantized layers being built.",
         "",
-        "| method | blocks | samples | image tokens | layers | calibration s | s per block | "
-        "FP weights MiB | peak RSS MiB | peak RSS − weights MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| date | method | blocks | samples | image tokens | layers | calibration s | "
+        "s per block | FP weights MiB | peak RSS MiB | peak RSS − weights MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.get('method', 'CLQ')} | {r['blocks']} | {r['samples']} | "
+        lines.append(f"| {r.get('date', '')} | {r.get('method', 'CLQ')} | {r['blocks']} | "
+                     f"{r['samples']} | "
                      f"{r['tokens']} | {r['layers']} | "
                      f"{r['seconds']:.1f} | {r['seconds'] / r['blocks']:.2f} | "
                      f"{r['fp_weights_mib']:.0f} | {r['peak_rss_mib']:.0f} | "

@@ -25,7 +25,7 @@ def test_calibration_scale_runs(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     rows = [ln.split("|") for ln in out_md.read_text().splitlines() if "| 1 | 1 | 16 |" in ln]
-    assert sorted(r[1].strip() for r in rows) == ["CLQ", "CLQ+GPTQ", "CLQ+low rank 32",
+    assert sorted(r[2].strip() for r in rows) == ["CLQ", "CLQ+GPTQ", "CLQ+low rank 32",
                                                   "SVDQuant 32"]
-    assert all(r[5].strip() == "10" for r in rows)  # 10 Linears quantized
+    assert all(r[6].strip() == "10" for r in rows)  # 10 Linears quantized
     assert (tmp_path / "scale.json").exists()
