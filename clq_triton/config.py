@@ -9,6 +9,12 @@ from .kernels.formats import check_bit_pair, check_group_size
 from .kernels.hadamard import is_power_of_two
 
 
+def check_count(name: str, value, minimum: int) -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How a Linear is quantized.
@@ -44,9 +50,7 @@ class QuantConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
-        if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) \
-                or self.lowrank < 0:
-            raise ValueError(f"lowrank must be an int >= 0, got {self.lowrank!r}")
+        check_count("lowrank", self.lowrank, 0)
 
     @classmethod
     def from_bits(cls, bits: str, **overrides) -> "QuantConfig":

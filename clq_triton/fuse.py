@@ -12,6 +12,15 @@ _REPLACED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
              "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
+def _fused(module: nn.Module) -> bool:
+    return getattr(module, "fused_projections", False)
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether any attention module of ``model`` runs fused projections."""
+    return any(_fused(m) for m in model.modules())
+
+
 def fuse_projections(model: nn.Module) -> list[str]:
     """Fuse ``model``'s attention projections in place (function-preserving) and drop the
     unfused Linears, which no processor calls any more; returns the fused layers' names.
@@ -27,22 +36,18 @@ def fuse_projections(model: nn.Module) -> list[str]:
         FusedAttnProcessor2_0,
     )
 
-    def fused(m):
-        return getattr(m, "fused_projections", False)
-
-    if any(fused(m) for m in model.modules()):
+    if is_fused(model):
         return []
     if callable(getattr(model, "fuse_qkv_projections", None)):
         model.fuse_qkv_projections()
     else:
         for m in model.modules():
-            if isinstance(m, Attention) and type(m.processor) is AttnProcessor2_0 \
-                    and not fused(m):
+            if isinstance(m, Attention) and type(m.processor) is AttnProcessor2_0:
                 m.fuse_projections()
                 m.set_processor(FusedAttnProcessor2_0())
     names = []
     for name, m in model.named_modules():
-        if not fused(m):
+        if not _fused(m):
             continue
         for new, old in _REPLACED.items():
             if isinstance(getattr(m, new, None), nn.Linear):

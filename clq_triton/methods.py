@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from .config import QuantConfig
+from .config import QuantConfig, check_count
 from .smoothing import abs_max, outlier_permutation, smoothquant_scale
 
 METHOD_FORMAT = 1  # version of Method.to_dict()
@@ -140,8 +140,7 @@ class SVDQuant(SmoothQuant):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        check_count("rank", self.rank, 1)
 
     def layer_config(self, config, k):
         return super().layer_config(config, k).replace(lowrank=self.rank)
@@ -211,9 +210,7 @@ class CLQ(Calibrated):
         for v in (*self.w_clip_grid, *self.a_clip_grid):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"clip ratios must be in (0, 1], got {v!r}")
-        if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) \
-                or self.lowrank < 0:
-            raise ValueError(f"lowrank must be an int >= 0, got {self.lowrank!r}")
+        check_count("lowrank", self.lowrank, 0)
         if not self.w_clip_grid or not self.a_clip_grid:
             raise ValueError("the CLPS grids must not be empty")
         object.__setattr__(self, "w_clip_grid", tuple(float(v) for v in self.w_clip_grid))

@@ -273,8 +273,7 @@ class QuantLinear(nn.Module):
         class docstring); ``False`` frees it. Built now, on the layer's device: never lazily
         inside a call (a CUDA-graph capture would own it)."""
         if enabled:
-            self._buffers["weight_dequantized"] = dequantize_weight_ref(
-                unpack_codes(self.qweight, self.config.w_bits), self.wscale, self.wgroup)
+            self._buffers["weight_dequantized"] = self._rotated_weight()
             self._non_persistent_buffers_set.add("weight_dequantized")
         else:
             self._buffers.pop("weight_dequantized", None)
@@ -289,12 +288,16 @@ class QuantLinear(nn.Module):
                 return None
             raise
 
+    def _rotated_weight(self) -> torch.Tensor:
+        """Ŵ in the rotated basis (the GEMM's), float32 [N, K]: codes · scales."""
+        return dequantize_weight_ref(unpack_codes(self.qweight, self.config.w_bits),
+                                     self.wscale, self.wgroup)
+
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ in the original basis, float32 [N, K]: Q(W·D⁻¹·G)·Gᵀ·D (+ (down·up)ᵀ with a
         low-rank branch)."""
-        w_rot = dequantize_weight_ref(unpack_codes(self.qweight, self.config.w_bits),
-                                      self.wscale, self.wgroup)
-        w = rotate_ref(w_rot, self.perm, self.config.hadamard_block, inverse=True)
+        w = rotate_ref(self._rotated_weight(), self.perm, self.config.hadamard_block,
+                       inverse=True)
         if self.channel_scale is not None:
             w = w * self.channel_scale
         if self.lowrank_down is not None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .fuse import fuse_projections
+from .fuse import fuse_projections, is_fused
 from .jsonfile import write_atomic
 from .kernels.formats import FORMAT_VERSION
 from .quant_linear import QuantLinear
@@ -52,7 +52,7 @@ def save_quantized(model: nn.Module, directory: str) -> None:
              "clq_triton_version": __version__, "method": patched.get("method"),
              "config": patched.get("config"), "torch_dtype": _model_dtype(model, layers),
              "layers": {n: _layer_spec(m) for n, m in layers.items()}}
-    if any(getattr(m, "fused_projections", False) for m in model.modules()):
+    if is_fused(model):
         quant["fused_projections"] = True  # load_quantized fuses the built model the same way
     model_config = getattr(model, "config", None)
     config = dict(model_config) if model_config is not None else {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 
-
 import torch
 import triton
 import triton.language as tl
@@ -32,11 +31,11 @@ from . import tuning
 from ._runtime import (
     FLOAT_DTYPES,
     aligned,
-    define_op,
     check_float,
     check_out,
     check_same_device,
     check_tensor,
+    define_op,
     device_guard,
     interpreter_on,
     use_triton,

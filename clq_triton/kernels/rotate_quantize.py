@@ -41,10 +41,10 @@ import triton.language as tl
 
 from ._runtime import (
     aligned,
-    define_op,
     check_float,
     check_out,
     check_same_device,
+    define_op,
     device_guard,
     interpreter_on,
     use_triton,
