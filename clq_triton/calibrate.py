@@ -11,7 +11,8 @@ where a block's call does not follow from the previous block's). For block i:
    quantized) tries every (w_clip, a_clip) on the grid and keeps the pair with the least
    squared error at the target vs the full-precision model: the block's output ("block"),
    the output of the block d blocks later where the layer's own error peaks ("depth"), the
-   transformer's final output ("output"), or the layer's own output ("layer").
+   transformer's final output ("output"), or the layer's own output ("layer"). A fused
+   layer (q/k/v as one) then refines its weight clip per output segment.
 FP block outputs are computed per block from the FP stream, never held for all blocks.
 """
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from .blocks import find_blocks, output_tensors, run_block, run_model
 from .capture import CalibrationData, to_device
 from .config import QuantConfig
+from .fuse import segments
 from .gptq import transform_hessian
 from .methods import Calibrated
 from .quant_linear import QuantLinear
@@ -226,7 +228,10 @@ def _quantize(lin, cfg, tf) -> QuantLinear:
 
 def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:
     """Try every (w_clip, a_clip) on the grid; ``error(q)`` scores a candidate QuantLinear.
-    Returns the layer quantized with the best pair (ties keep the earlier pair)."""
+    A fused layer (:func:`clq_triton.fuse.segments`) then tries, one output segment at a
+    time, every other w_clip for that segment alone (the activation clip stays shared: one
+    activation pass). Returns the layer quantized with the best clips (ties keep the
+    earlier)."""
     best = (float("inf"), 1.0, 1.0)
     for wc in method.w_clip_grid:
         q = _quantize(lin, cfg.replace(w_clip=wc), tf)
@@ -235,7 +240,23 @@ def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:
             err = error(q)
             if err < best[0]:
                 best = (err, wc, ac)
-    return _quantize(lin, cfg.replace(w_clip=best[1], a_clip=best[2]), tf)
+    err, wc, ac = best
+    cfg = cfg.replace(w_clip=wc, a_clip=ac)
+    parts = segments(lin)
+    if len(parts) > 1 and len(method.w_clip_grid) > 1:
+        clips = [wc] * len(parts)
+        for i in range(len(parts)):
+            for c in method.w_clip_grid:
+                if c == clips[i]:
+                    continue
+                trial = cfg.replace(w_clip_segments=tuple(
+                    zip(parts, clips[:i] + [c] + clips[i + 1:])))
+                e = error(_quantize(lin, trial, tf))
+                if e < err:
+                    err, clips[i] = e, c
+        if len(set(clips)) > 1:
+            cfg = cfg.replace(w_clip_segments=tuple(zip(parts, clips)))
+    return _quantize(lin, cfg, tf)
 
 
 def _search(model, name, lin, cfg, tf, method, target_error) -> QuantLinear:

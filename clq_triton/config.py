@@ -30,6 +30,10 @@ class QuantConfig:
         channel transform, is split into its best rank-r part L (from its SVD), kept in the
         model's dtype and applied to the unquantized input, and a residual quantized like
         any weight; 0 = no branch. Clamped to min(N, K) per layer.
+    w_clip_segments: ((rows, w_clip), ...) from the first output row down, summing to N: a
+        weight clip per output segment of a fused layer (q, k and v of one ``to_qkv``), which
+        overrides ``w_clip``; weights are scaled per output row, so it costs nothing at run
+        time. () = ``w_clip`` for every row.
     """
 
     w_bits: int = 4
@@ -39,6 +43,7 @@ class QuantConfig:
     w_clip: float = 1.0
     a_clip: float = 1.0
     lowrank: int = 0
+    w_clip_segments: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         check_bit_pair(self.w_bits, self.a_bits)
@@ -51,6 +56,22 @@ class QuantConfig:
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
         check_count("lowrank", self.lowrank, 0)
+        try:  # lists (from JSON) become tuples: the config stays hashable
+            segments = tuple((rows, float(clip)) for rows, clip in self.w_clip_segments)
+        except (TypeError, ValueError):
+            raise ValueError("w_clip_segments must be (rows, w_clip) pairs, got "
+                             f"{self.w_clip_segments!r}") from None
+        for rows, clip in segments:
+            check_count("w_clip_segments rows", rows, 1)
+            if not 0.0 < clip <= 1.0:
+                raise ValueError(f"w_clip_segments clips must be in (0, 1], got {clip!r}")
+        object.__setattr__(self, "w_clip_segments", segments)
+
+    def check_rows(self, n: int) -> None:
+        """Raise ValueError unless ``w_clip_segments`` (when set) covers exactly N rows."""
+        covered = sum(rows for rows, _ in self.w_clip_segments)
+        if self.w_clip_segments and covered != n:
+            raise ValueError(f"w_clip_segments cover {covered} output rows; the layer has {n}")
 
     @classmethod
     def from_bits(cls, bits: str, **overrides) -> "QuantConfig":
@@ -68,4 +89,9 @@ class QuantConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; ``w_clip_segments`` only when set (checkpoints of layers
+        without it read as before)."""
+        d = asdict(self)
+        if not d["w_clip_segments"]:
+            del d["w_clip_segments"]
+        return d

@@ -12,6 +12,15 @@ _REPLACED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
              "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
+_SEGMENTS = "_clq_segments"  # attribute of a fused Linear: its parts' out_features
+
+
+def segments(linear: nn.Module) -> tuple[int, ...]:
+    """Out-features of the layers a fused Linear replaced, in its output order (q, k, v);
+    () for any other layer. Calibration searches a weight clip per segment."""
+    return getattr(linear, _SEGMENTS, ())
+
+
 def _fused(module: nn.Module) -> bool:
     return getattr(module, "fused_projections", False)
 
@@ -50,8 +59,13 @@ def fuse_projections(model: nn.Module) -> list[str]:
         if not _fused(m):
             continue
         for new, old in _REPLACED.items():
-            if isinstance(getattr(m, new, None), nn.Linear):
+            lin = getattr(m, new, None)
+            if isinstance(lin, nn.Linear):
                 names.append(f"{name}.{new}" if name else new)
+                parts = tuple(getattr(m, o).out_features for o in old
+                              if isinstance(getattr(m, o, None), nn.Linear))
+                if sum(parts) == lin.out_features:
+                    setattr(lin, _SEGMENTS, parts)
                 for o in old:
                     if hasattr(m, o):
                         delattr(m, o)

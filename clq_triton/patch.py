@@ -120,7 +120,8 @@ def patch(
       k/v, context q/k/v) into one Linear each with diffusers' own fusion
       (:func:`clq_triton.fuse.fuse_projections`, function-preserving), so each is one
       activation pass and one GEMM; listed in ``PatchReport.fused``. Calibration gives a fused
-      layer one channel transform and one clip pair. The fusion stays if patching fails.
+      layer one channel transform and one activation clip, and searches its weight clip per
+      output segment (q, k, v). The fusion stays if patching fails.
 
     All or nothing: if quantizing any layer fails, every layer replaced so far is put back
     and the error is raised. A model that already holds QuantLinears is refused (patching

@@ -30,6 +30,24 @@ from .lowrank import lowrank_split
 FLOAT32_BUFFERS = ("wscale", "channel_scale", "channel_shift", "bias", "weight_dequantized")
 
 
+def _quantize_rows(w_rot: torch.Tensor, hessian: torch.Tensor | None, config: QuantConfig):
+    """(codes, scale, group_int) of the rotated weight [N, K] (kernels.quantize's format):
+    rounded to nearest, or by GPTQ with ``hessian``; with ``config.w_clip_segments`` each
+    segment of rows is quantized with its own clip (rows are quantized independently in both
+    ways, so this is the concatenation of the segments quantized alone)."""
+    segments = config.w_clip_segments or ((w_rot.shape[0], config.w_clip),)
+    parts, start = [], 0
+    for rows, clip in segments:
+        w = w_rot[start:start + rows]
+        start += rows
+        parts.append(quantize_weight_ref(w, config.group_size, config.w_bits, clip)
+                     if hessian is None else
+                     gptq_weight(w, hessian, config.group_size, config.w_bits, clip))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+
 class QuantLinear(nn.Module):
     """y = Q((x − δ)·D·G) · Q(W·D⁻¹·G)ᵀ + (b + W·δ) with G = S·H (permutation then block
     Hadamard), D an optional positive per-channel diagonal (smoothing) and δ an optional
@@ -88,6 +106,7 @@ class QuantLinear(nn.Module):
         if rank > min(in_features, out_features):
             raise ValueError(f"lowrank {rank} exceeds min(in_features, out_features) = "
                              f"{min(in_features, out_features)}")
+        config.check_rows(out_features)
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
@@ -123,7 +142,8 @@ class QuantLinear(nn.Module):
         hessian: torch.Tensor | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear`` offline: W' = W·D⁻¹·S·H (float32 on the weight's device), then
-        symmetric quantization with ``config.w_clip`` (kernels.quantize.quantize_weight_ref).
+        symmetric quantization with ``config.w_clip`` (kernels.quantize.quantize_weight_ref),
+        or per output segment with ``config.w_clip_segments``.
 
         perm: int [K] permutation (see kernels.hadamard); channel_scale: positive float [K];
         channel_shift: finite float [K] (the layer then has a bias: b + W·δ, in float64);
@@ -165,13 +185,8 @@ class QuantLinear(nn.Module):
             down, up, w = lowrank_split(w, config.lowrank, cs, q.lowrank_down.dtype)
             q.lowrank_down.copy_(down)
             q.lowrank_up.copy_(up)
-        w_rot = rotate_ref(w, perm, config.hadamard_block)
-        if hessian is None:
-            codes, scale, group_int = quantize_weight_ref(w_rot, config.group_size,
-                                                          config.w_bits, config.w_clip)
-        else:
-            codes, scale, group_int = gptq_weight(w_rot, hessian, config.group_size,
-                                                  config.w_bits, config.w_clip)
+        codes, scale, group_int = _quantize_rows(rotate_ref(w, perm, config.hadamard_block),
+                                                 hessian, config)
         q.qweight.copy_(pack_codes(codes, config.w_bits))
         q.wscale.copy_(scale)
         if group_int is not None:
@@ -330,6 +345,7 @@ class QuantLinear(nn.Module):
                 "interleaved nibbles and per-group fp16 weight scales): quantize the "
                 "full-precision model again")
         cfg = QuantConfig(**state["config"])
+        cfg.check_rows(self.out_features)
         if (state["in_features"], state["out_features"]) != (self.in_features, self.out_features) \
                 or cfg.w_bits != self.config.w_bits or cfg.group_size != self.config.group_size \
                 or cfg.lowrank != self.config.lowrank:

@@ -12,7 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import clq_triton
 from clq_triton import CLQ, QuantConfig, QuantLinear
-from clq_triton.fuse import fuse_projections
+from clq_triton.calibrate import _best_clips
+from clq_triton.fuse import fuse_projections, segments
+from clq_triton.methods import ChannelTransform
 from diffusers_models import MODELS, output
 
 
@@ -48,8 +50,15 @@ def test_fusion_preserves_the_function_and_drops_unfused_layers(name, gen):
     with torch.no_grad():
         want = output(model, inputs)
     n = _linears(model)
+    parts = {f"{name}.{new}": tuple(getattr(m, o).out_features for o in old)
+             for name, m in model.named_modules()
+             for new, old in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v")),
+                              ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
+             if all(isinstance(getattr(m, o, None), nn.Linear) for o in old)}
     fused = fuse_projections(model)
     assert fused and all(isinstance(model.get_submodule(f), nn.Linear) for f in fused)
+    for f in fused:  # each fused layer knows the out_features of the layers it replaced
+        assert segments(model.get_submodule(f)) == parts[f], f
     for f in fused:  # the layers a fused one replaces are gone (no dead FP weights)
         attn = model.get_submodule(f.rpartition(".")[0])
         if f.endswith("to_qkv"):
@@ -114,7 +123,7 @@ def test_fused_clq_calibrates_and_round_trips(gen, tmp_path):
     fp.eval()
     model = copy.deepcopy(fp)
     data = clq_triton.CalibrationData.from_inputs([inputs])
-    report = clq_triton.patch(model, "w4a8", CLQ(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0,)),
+    report = clq_triton.patch(model, "w4a8", CLQ(w_clip_grid=(1.0, 0.7), a_clip_grid=(1.0,)),
                               data, progress=False, fuse_projections=True)
     assert "transformer_blocks.0.attn1.to_qkv" in report.quantized
     assert not any(n.endswith(("to_q", "to_k", "to_v")) and "attn1" in n
@@ -131,6 +140,9 @@ def test_fused_clq_calibrates_and_round_trips(gen, tmp_path):
         loaded = clq_triton.load_quantized(str(tmp_path), target)
         with torch.no_grad():
             assert torch.equal(output(loaded, inputs), want)
+        configs = {n: m.config for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+        assert configs == {n: m.config for n, m in model.named_modules()
+                           if isinstance(m, QuantLinear)}  # w_clip_segments included
     assert os.path.exists(tmp_path / "config.json")
 
 
@@ -139,3 +151,26 @@ def test_fusing_a_model_without_attention_warns(gen):
     model.forward = lambda x: model[0][0](x)
     with pytest.warns(UserWarning, match="nothing was fused"):
         clq_triton.patch(model, "w4a4", progress=False, fuse_projections=True)
+
+
+def test_clip_search_refines_each_segment_of_a_fused_layer(gen):
+    """CLPS on a fused layer: the shared (w_clip, a_clip) grid search, then one w_clip per
+    output segment. With a score that is separable per segment, the search must land on
+    each segment's own best clip; an unfused layer keeps one clip."""
+    lin = nn.Linear(64, 48)
+    method = CLQ(w_clip_grid=(1.0, 0.9, 0.8, 0.7), a_clip_grid=(1.0, 0.9))
+    best = {16: 0.7, 8: 1.0, 24: 0.9}  # segment rows → the clip its score prefers
+
+    def score(q):
+        cfg = q.config
+        clips = cfg.w_clip_segments or tuple((r, cfg.w_clip) for r in best)
+        return sum((c - best[r]) ** 2 for r, c in clips) + (cfg.a_clip - 0.9) ** 2
+
+    cfg = QuantConfig(group_size=None)
+    setattr(lin, "_clq_segments", (16, 8, 24))
+    q = _best_clips(lin, cfg, ChannelTransform(), method, score)
+    assert q.config.w_clip_segments == ((16, 0.7), (8, 1.0), (24, 0.9))
+    assert q.config.a_clip == 0.9
+    delattr(lin, "_clq_segments")
+    q = _best_clips(lin, cfg, ChannelTransform(), method, score)
+    assert q.config.w_clip_segments == () and q.config.w_clip == 0.9

@@ -199,7 +199,10 @@ def test_errors(gen):
 @pytest.mark.parametrize("kw, match", [
     (dict(w_bits=3), "w_bits"), (dict(w_bits=8, a_bits=4), "w8a4"),
     (dict(group_size=32), "group_size"), (dict(group_size=100), "group_size"),
-    (dict(hadamard_block=24), "hadamard"), (dict(a_clip=0.0), "a_clip")])
+    (dict(hadamard_block=24), "hadamard"), (dict(a_clip=0.0), "a_clip"),
+    (dict(w_clip_segments=((8, 1.2),)), "clips must be"),
+    (dict(w_clip_segments=((0, 0.9),)), "rows must be"),
+    (dict(w_clip_segments=(0.9, 0.8)), "pairs")])
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**kw)
@@ -405,3 +408,57 @@ def test_dequantized_weight_cache_for_the_reference_path(gen, bits, group):
     assert q.weight_dequantized.dtype == torch.float32
     q.cache_dequantized_weight(False)
     assert "weight_dequantized" not in q._buffers
+
+
+@pytest.mark.parametrize("bits, group", [("w4a4", 64), ("w4a8", None), ("w8a8", 128)])
+@pytest.mark.parametrize("gptq", [False, True])
+def test_segment_weight_clips_equal_the_segments_quantized_alone(bits, group, gptq, gen):
+    """w_clip_segments: each segment of output rows is exactly what quantizing those rows as
+    a layer of their own, with that clip and the same channel transform, gives."""
+    k, sizes, clips = 128, (24, 8, 16), (0.9, 1.0, 0.75)
+    lin = _linear(k, sum(sizes), gen)
+    perm = torch.randperm(k, generator=gen)
+    scale = torch.rand(k, generator=gen) + 0.5
+    shift = torch.randn(k, generator=gen) * 0.1
+    hessian = None
+    if gptq:
+        x = _activations(256, k, gen).double()
+        hessian = x.T @ x
+    cfg = QuantConfig.from_bits(bits, group_size=group)
+    q = QuantLinear.from_linear(lin, cfg.replace(w_clip_segments=tuple(zip(sizes, clips))),
+                                perm, scale, shift, hessian)
+    start = 0
+    for rows, clip in zip(sizes, clips):
+        part = nn.Linear(k, rows)
+        with torch.no_grad():
+            part.weight.copy_(lin.weight[start:start + rows])
+            part.bias.copy_(lin.bias[start:start + rows])
+        alone = QuantLinear.from_linear(part, cfg.replace(w_clip=clip), perm, scale, shift,
+                                        hessian)
+        for name in ("qweight", "wscale", "wgroup", "bias"):
+            got = getattr(q, name)
+            if got is not None:
+                assert torch.equal(got[start:start + rows], getattr(alone, name)), name
+        start += rows
+    uniform = QuantLinear.from_linear(lin, cfg.replace(w_clip=0.9), perm, scale, shift, hessian)
+    assert not torch.equal(uniform.wscale, q.wscale)  # the clips did act per segment
+
+
+def test_segment_clips_round_trip_and_are_checked(gen):
+    lin = _linear(64, 12, gen)
+    cfg = QuantConfig(w_clip_segments=[[4, 0.8], [8, 1]])  # as read back from JSON
+    assert cfg.w_clip_segments == ((4, 0.8), (8, 1.0)) and hash(cfg)
+    assert "w_clip_segments" not in QuantConfig().to_dict()  # old checkpoints read the same
+    q = QuantLinear.from_linear(lin, cfg)
+    assert QuantConfig(**json.loads(json.dumps(q.config.to_dict()))) == q.config
+    r = QuantLinear(64, 12, config=cfg)
+    r.load_state_dict(q.state_dict())
+    assert r.config == q.config and torch.equal(r.qweight, q.qweight)
+    with pytest.raises(ValueError, match="cover 12 output rows; the layer has 16"):
+        QuantLinear.from_linear(_linear(64, 16, gen), cfg)
+    state = q.state_dict()
+    bad = json.loads(bytes(state["_extra_state"].tolist()).decode())
+    bad["config"]["w_clip_segments"] = [[4, 0.8], [4, 1.0]]
+    state["_extra_state"] = torch.tensor(list(json.dumps(bad).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="cover 8 output rows"):
+        QuantLinear(64, 12, config=cfg).load_state_dict(state)
