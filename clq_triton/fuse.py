@@ -1,11 +1,19 @@
 """Fused projections: the Linears that read one tensor (q/k/v of self-attention, k/v of
 cross-attention, SD3/FLUX's context q/k/v) become one Linear with the concatenated outputs,
 built by diffusers' own ``fuse_qkv_projections`` / ``Attention.fuse_projections``. A fused
-layer quantized by patch() costs one activation pass and one wider GEMM instead of three."""
+layer quantized by patch() costs one activation pass and one wider GEMM instead of three.
+
+Where a block calls two such layers from its own code rather than its attention's (FLUX's
+single blocks: ``proj_mlp`` and ``attn.to_qkv`` on the same normalized input), one Linear
+``to_qkv_mlp`` of the block computes both, and :class:`SharedOutput` modules stand in for
+the two: the first called runs the shared layer, the other takes its slice of that output."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+FUSION_VERSION = 2  # checkpoints' "fused_projections": 1 (True) = diffusers' fusion only
 
 # fused layer → the layers it replaces, which its attention module no longer calls
 _REPLACED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
@@ -21,6 +29,93 @@ def segments(linear: nn.Module) -> tuple[int, ...]:
     return getattr(linear, _SEGMENTS, ())
 
 
+class _Stash:
+    """The shared layer's last output, kept until every user has taken its slice."""
+
+    __slots__ = ("x", "layer", "y", "left")
+
+    def __init__(self):
+        self.x = self.layer = self.y = None
+        self.left = 0
+
+
+class SharedOutput(nn.Module):
+    """Stands in for one of the Linears a shared layer replaced: x → columns [start, stop) of
+    ``getattr(owner, name)(x)`` (looked up per call, so a quantized layer swapped in is used).
+
+    The first of the ``users`` called on a tensor runs the shared layer and keeps its output;
+    the others, called on the same tensor object and layer, take their slice of it, and the
+    last of them drops it. Any other input runs the layer again, so the result is always the
+    shared layer's on this input (the input must not be changed in place between the calls).
+    Traced by ``torch.compile(fullgraph=True)`` as one call."""
+
+    def __init__(self, owner: nn.Module, name: str, start: int, stop: int, stash: _Stash,
+                 users: int):
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a child: the layer has one place
+        self.name, self.start, self.stop, self.users = name, start, stop, users
+        self._stash = stash
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, s = getattr(self._owner, self.name), self._stash
+        if s.x is x and s.layer is layer:
+            y = s.y
+            s.left -= 1
+            if s.left <= 0:
+                s.x = s.layer = s.y = None
+        else:
+            y = layer(x)
+            s.x, s.layer, s.y, s.left = x, layer, y, self.users - 1
+        return y[..., self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"{self.name}[..., {self.start}:{self.stop}]"
+
+
+def _concat(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear with the rows of ``linears`` stacked (a missing bias counts as zeros)."""
+    w = torch.cat([lin.weight.detach() for lin in linears])
+    biased = any(lin.bias is not None for lin in linears)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=biased, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if biased:
+            out.bias.copy_(torch.cat([
+                lin.bias.detach() if lin.bias is not None else
+                torch.zeros(lin.out_features, device=w.device, dtype=w.dtype)
+                for lin in linears]))
+    return out
+
+
+def _share_block_inputs(model: nn.Module, names: list[str]) -> None:
+    """FLUX single blocks: ``proj_mlp`` and the fused ``attn.to_qkv`` (same input size) become
+    ``to_qkv_mlp`` with two :class:`SharedOutput`; ``names`` (of the fused layers) is
+    updated."""
+    def pair(block):
+        mlp, attn = getattr(block, "proj_mlp", None), getattr(block, "attn", None)
+        qkv = getattr(attn, "to_qkv", None)
+        ok = type(mlp) is nn.Linear and type(qkv) is nn.Linear and \
+            mlp.in_features == qkv.in_features
+        return (mlp, attn, qkv) if ok else None
+
+    for name, block in [(n, b) for n, b in model.named_modules() if pair(b)]:
+        mlp, attn, qkv = pair(block)
+        shared = _concat([qkv, mlp])
+        setattr(shared, _SEGMENTS, (segments(qkv) or (qkv.out_features,)) + (mlp.out_features,))
+        block.to_qkv_mlp = shared
+        stash, n = _Stash(), qkv.out_features
+        attn.to_qkv = SharedOutput(block, "to_qkv_mlp", 0, n, stash, users=2)
+        block.proj_mlp = SharedOutput(block, "to_qkv_mlp", n, shared.out_features, stash, 2)
+        prefix = f"{name}." if name else ""
+        if prefix + "attn.to_qkv" in names:
+            names.remove(prefix + "attn.to_qkv")
+        names.append(prefix + "to_qkv_mlp")
+
+
 def _fused(module: nn.Module) -> bool:
     return getattr(module, "fused_projections", False)
 
@@ -30,9 +125,19 @@ def is_fused(model: nn.Module) -> bool:
     return any(_fused(m) for m in model.modules())
 
 
-def fuse_projections(model: nn.Module) -> list[str]:
+def fusion_version(model: nn.Module) -> int:
+    """How ``model``'s projections are fused: 0 not at all, 1 diffusers' fusion only, 2 with
+    shared-input layers as well (:data:`FUSION_VERSION`); recorded in checkpoints."""
+    if not is_fused(model):
+        return 0
+    return 2 if any(isinstance(m, SharedOutput) for m in model.modules()) else 1
+
+
+def fuse_projections(model: nn.Module, shared_inputs: bool = True) -> list[str]:
     """Fuse ``model``'s attention projections in place (function-preserving) and drop the
     unfused Linears, which no processor calls any more; returns the fused layers' names.
+    ``shared_inputs``: also give FLUX single blocks one ``to_qkv_mlp`` (module docstring);
+    False: diffusers' fusion only (checkpoints of fusion version 1).
 
     Uses the model's ``fuse_qkv_projections()`` where it has one (PixArt, SD3, FLUX,
     CogVideoX, …); elsewhere every ``Attention`` running diffusers' default processor
@@ -69,4 +174,6 @@ def fuse_projections(model: nn.Module) -> list[str]:
                 for o in old:
                     if hasattr(m, o):
                         delattr(m, o)
+    if shared_inputs:
+        _share_block_inputs(model, names)
     return names

@@ -117,9 +117,10 @@ def patch(
     Layers whose K is not a multiple of 64 and of the group size stay in full precision,
     listed in ``PatchReport.skipped`` with a warning (``strict=True`` raises instead).
     fuse_projections: first fuse the projections that read one tensor (q/k/v, cross-attention
-      k/v, context q/k/v) into one Linear each with diffusers' own fusion
-      (:func:`clq_triton.fuse.fuse_projections`, function-preserving), so each is one
-      activation pass and one GEMM; listed in ``PatchReport.fused``. Calibration gives a fused
+      k/v, context q/k/v; FLUX single blocks' q/k/v and MLP input) into one Linear each,
+      with diffusers' own fusion where it has one (:func:`clq_triton.fuse.fuse_projections`,
+      function-preserving), so each is one activation pass and one GEMM; listed in
+      ``PatchReport.fused``. Calibration gives a fused
       layer one channel transform and one activation clip, and searches its weight clip per
       output segment (q, k, v). The fusion stays if patching fails.
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .fuse import fuse_projections, is_fused
+from .fuse import FUSION_VERSION, fuse_projections, fusion_version
 from .jsonfile import write_atomic
 from .kernels.formats import FORMAT_VERSION
 from .quant_linear import QuantLinear
@@ -52,8 +52,9 @@ def save_quantized(model: nn.Module, directory: str) -> None:
              "clq_triton_version": __version__, "method": patched.get("method"),
              "config": patched.get("config"), "torch_dtype": _model_dtype(model, layers),
              "layers": {n: _layer_spec(m) for n, m in layers.items()}}
-    if is_fused(model):
-        quant["fused_projections"] = True  # load_quantized fuses the built model the same way
+    fused = fusion_version(model)
+    if fused:  # load_quantized fuses the built model the same way
+        quant["fused_projections"] = fused
     model_config = getattr(model, "config", None)
     config = dict(model_config) if model_config is not None else {}
     config["_class_name"] = type(model).__name__
@@ -92,8 +93,12 @@ def load_quantized(directory: str, model: nn.Module | None = None,
     elif type(model).__name__ != config.get("_class_name"):
         raise ValueError(f"checkpoint {directory} is for {config.get('_class_name')}, "
                          f"got {type(model).__name__}")
-    if quant.get("fused_projections"):  # saved with fused projections: fuse the same way
-        fuse_projections(model)
+    fused = quant.get("fused_projections", 0)  # saved fused: fuse the same way (True = 1)
+    if fused not in range(FUSION_VERSION + 1):
+        raise ValueError(f"{os.path.join(directory, CONFIG)}: fused_projections {fused!r}; "
+                         f"this clq-triton knows fusion versions up to {FUSION_VERSION}")
+    if fused:
+        fuse_projections(model, shared_inputs=fused == 2)
     # validate everything before the model is touched
     for name, spec in specs.items():
         try:

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import clq_triton
 from clq_triton import CLQ, QuantConfig, QuantLinear
 from clq_triton.calibrate import _best_clips
-from clq_triton.fuse import fuse_projections, segments
+from clq_triton.fuse import SharedOutput, fuse_projections, segments
 from clq_triton.methods import ChannelTransform
 from diffusers_models import MODELS, output
 
@@ -50,31 +50,34 @@ def test_fusion_preserves_the_function_and_drops_unfused_layers(name, gen):
     with torch.no_grad():
         want = output(model, inputs)
     n = _linears(model)
-    parts = {f"{name}.{new}": tuple(getattr(m, o).out_features for o in old)
-             for name, m in model.named_modules()
-             for new, old in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v")),
-                              ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
-             if all(isinstance(getattr(m, o, None), nn.Linear) for o in old)}
+    # fused name → the layers it replaces (relative to its parent) and their out_features
+    table = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v")),
+             ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+             ("to_qkv_mlp", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")))
+
+    def linear(m, path):
+        for p in path.split("."):
+            m = getattr(m, p, None)
+        return m if isinstance(m, nn.Linear) else None
+
+    parts = {f"{name}.{new}": (old, tuple(linear(m, o).out_features for o in old))
+             for name, m in model.named_modules() for new, old in table
+             if all(linear(m, o) is not None for o in old)}
     fused = fuse_projections(model)
-    assert fused and all(isinstance(model.get_submodule(f), nn.Linear) for f in fused)
-    for f in fused:  # each fused layer knows the out_features of the layers it replaced
-        assert segments(model.get_submodule(f)) == parts[f], f
-    for f in fused:  # the layers a fused one replaces are gone (no dead FP weights)
-        attn = model.get_submodule(f.rpartition(".")[0])
-        if f.endswith("to_qkv"):
-            assert not hasattr(attn, "to_q") and not hasattr(attn, "to_v")
-        else:
-            assert not hasattr(attn, "to_k")
-    removed = sum(3 if f.endswith("qkv") else 2 for f in fused) - len(fused)
-    assert _linears(model) == n - removed
+    assert fused and all(type(model.get_submodule(f)) is nn.Linear for f in fused)
+    for f in fused:  # it knows the out_features of the layers it replaced, which are gone
+        old, sizes = parts[f]
+        assert segments(model.get_submodule(f)) == sizes, f
+        parent = model.get_submodule(f.rpartition(".")[0])
+        assert all(linear(parent, o) is None for o in old), f  # no dead FP weights
+    assert _linears(model) == n - sum(len(parts[f][0]) - 1 for f in fused)
+    if name == "flux":  # single blocks: q/k/v and the MLP's input projection are one layer
+        assert sum(f.endswith("to_qkv_mlp") for f in fused) == 2
     with torch.no_grad():
         torch.testing.assert_close(output(model, inputs), want, rtol=0, atol=1e-6)
     assert fuse_projections(model) == []  # already fused: a no-op
 
 
-# FLUX's single blocks read one tensor in to_qkv and proj_mlp: two layers diffusers does not
-# fuse, so one input per single block is still quantized twice
-STILL_SHARED = {"flux": 2}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -101,7 +104,7 @@ def test_one_activation_pass_per_distinct_input(name, gen):
                     if not any(b == c and t is u for c, u in seen[:i])]
         assert ops.counts["rotate_quantize"] == ops.counts["quant_matmul"] == len(seen)
         if fuse:
-            assert len(seen) - len(distinct) == STILL_SHARED.get(name, 0)
+            assert len(seen) == len(distinct)
         counts[fuse] = len(seen)
     print(f"{name}: activation passes per forward {counts[False]} -> {counts[True]}")
     assert counts[True] < counts[False]
@@ -174,3 +177,88 @@ def test_clip_search_refines_each_segment_of_a_fused_layer(gen):
     delattr(lin, "_clq_segments")
     q = _best_clips(lin, cfg, ChannelTransform(), method, score)
     assert q.config.w_clip_segments == () and q.config.w_clip == 0.9
+
+
+def _shared_pair(gen):
+    """A block whose ``shared`` Linear [8 → 5 + 7] stands in for two layers ``a``, ``b``."""
+    from clq_triton.fuse import _Stash
+
+    block = nn.Module()
+    block.shared = nn.Linear(8, 12)
+    calls = []
+    block.shared.register_forward_hook(lambda m, a, y: calls.append(a[0]))
+    stash = _Stash()
+    block.a = SharedOutput(block, "shared", 0, 5, stash, users=2)
+    block.b = SharedOutput(block, "shared", 5, 12, stash, users=2)
+    return block, calls, stash
+
+
+def test_shared_output_runs_the_layer_once_per_input(gen):
+    block, calls, stash = _shared_pair(gen)
+    x = torch.randn(3, 8, generator=gen)
+    want = block.shared(x)
+    calls.clear()
+    ya, yb = block.a(x), block.b(x)
+    assert torch.equal(ya, want[:, :5]) and torch.equal(yb, want[:, 5:]) and len(calls) == 1
+    assert stash.y is None and stash.x is None  # the last user dropped the kept output
+    yb = block.b(x)  # alone, or in the other order: still the layer's output on this input
+    assert torch.equal(yb, want[:, 5:]) and len(calls) == 2
+    assert torch.equal(block.a(x), want[:, :5]) and len(calls) == 2
+    x2 = x.clone()  # an equal but other tensor runs the layer again
+    block.b(x)
+    assert torch.equal(block.a(x2), want[:, :5]) and len(calls) == 4
+    stash.x = stash.y = stash.layer = None
+    block.a(x)
+    with torch.no_grad():
+        new = nn.Linear(8, 12)
+    block.shared = new  # a layer swapped in (a quantized one) is used, not a kept output
+    assert torch.equal(block.b(x), new(x)[:, 5:])
+    assert block.a.out_features == 5 and block.b.out_features == 7
+
+
+def test_shared_output_under_torch_compile(gen):
+    """fullgraph inductor traces the pair as one call of the shared layer, gives eager's
+    output and leaves nothing kept after the forward."""
+    block, calls, stash = _shared_pair(gen)
+    def forward(x):
+        h = torch.tanh(x)
+        return block.a(h).sum(-1) + block.b(h)[..., 0]
+
+    x = torch.randn(4, 8, generator=gen)
+    want = forward(x)
+    torch._dynamo.reset()
+    got = torch.compile(forward, fullgraph=True, backend="inductor")(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert stash.x is None and stash.y is None
+    torch._dynamo.reset()
+
+
+def test_flux_shared_input_checkpoints_and_fusion_versions(gen, tmp_path):
+    """FLUX fused with shared inputs saves as fusion version 2 and loads bit for bit (built
+    from config.json or into the FP model); a version-1 checkpoint (diffusers' fusion only,
+    proj_mlp apart) still loads as it was saved; an unknown version is refused."""
+    import json
+
+    fp, inputs = MODELS["flux"](gen)
+    fp.eval()
+    for shared, version in ((True, 2), (False, 1)):
+        model = copy.deepcopy(fp)
+        fuse_projections(model, shared_inputs=shared)
+        clq_triton.patch(model, "w4a4", progress=False)
+        with torch.no_grad():
+            want = output(model, inputs)
+        d = tmp_path / str(version)
+        clq_triton.save_quantized(model, str(d))
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["quantization_config"]["fused_projections"] == version
+        for target in (None, copy.deepcopy(fp)):
+            loaded = clq_triton.load_quantized(str(d), target)
+            assert hasattr(loaded.single_transformer_blocks[0], "to_qkv_mlp") == shared
+            with torch.no_grad():
+                assert torch.equal(output(loaded, inputs), want)
+    cfg["quantization_config"]["fused_projections"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    target = copy.deepcopy(fp)
+    with pytest.raises(ValueError, match="fusion versions up to 2"):
+        clq_triton.load_quantized(str(d), target)
+    assert not clq_triton.fuse.is_fused(target)

@@ -152,19 +152,22 @@ def test_a_built_layer_allocates_nothing_that_outlives_a_call(gen):
         assert alive == [], f"block {block}: {[tuple(t.shape) for t in alive]} kept"
 
 
-def test_inductor_compiles_a_patched_transformer_without_recompiles(gen):
+@pytest.mark.parametrize("name, fuse", [("pixart", False), ("flux", True)])
+def test_inductor_compiles_a_patched_transformer_without_recompiles(name, fuse, gen):
     """torch.compile with the inductor backend (C++ on CPU) and fullgraph=True: the output is
-    eager's, and new timesteps (sampler steps) reuse the compiled graph."""
+    eager's, and new timesteps (sampler steps) reuse the compiled graph; also with fused
+    projections, FLUX's shared-input layers (clq_triton.fuse.SharedOutput) included."""
     import torch._dynamo.utils as dynamo_utils
 
-    model, inputs = MODELS["pixart"](gen)
+    model, inputs = MODELS[name](gen)
     model = model.eval()
-    clq_triton.patch(model, QuantConfig(group_size=None), progress=False)
+    clq_triton.patch(model, QuantConfig(group_size=None), progress=False,
+                     fuse_projections=fuse)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
-    with torch.no_grad():
-        for t in (999, 500, 21):
+    with torch.no_grad():  # FLUX takes timesteps in [0, 1]
+        for t in (0.999, 0.5, 0.021) if name == "flux" else (999, 500, 21):
             step = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
             torch.testing.assert_close(output(compiled, step), output(model, step),
                                        rtol=1e-5, atol=1e-5)
