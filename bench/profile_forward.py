@@ -6,11 +6,13 @@ transformer, bf16 vs W4A4 vs W8A8, eager and replayed from a CUDA graph.
     python bench/profile_forward.py --smoke                # tiny models on the CPU (the tests)
 
 Per (model, mode), from random weights (data-free Hadamard quantization, per-channel scales;
-``w4a4-int8`` = W4A4 with ``use_int8_operands``): ms per forward eager and replayed from a CUDA
+``w4a4-int8`` = W4A4 with ``use_int8_operands``; ``-fused`` = projections fused first,
+``fuse_projections``, bf16 too): ms per forward eager and replayed from a CUDA
 graph (``torch.cuda.graph``), per block too; GPU time by op family from torch.profiler
 (activation pass, quantized GEMM, bf16 GEMM, attention, other); kernel launches per forward;
 host time per quantized layer call (the two custom operators' CPU time) and per nn.Linear
-call; peak forward memory and resident weight memory; output error vs bf16. The FLUX-sized
+call; peak forward memory and resident weight memory; output error vs bf16; speed ratios
+against bf16 fused the same way. The FLUX-sized
 model is batch 2 (a CFG pair), 4096 image + 512 text tokens, ``--flux-blocks`` double-stream
 blocks and twice as many single-stream ones (default 2 + 4: per-block figures scale to 19 + 38).
 Writes ``<out>/profile-<device>-<date>.json`` and ``.md``. On CPU (``--smoke``) the families
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 import clq_triton  # noqa: E402
 from bench_utils import flux_model, pixart_model  # noqa: E402
 from gpu_check import env_info  # noqa: E402
+from clq_triton.fuse import fuse_projections  # noqa: E402
 
 # (family, substrings of kernel / operator names), first match wins
 FAMILIES = (
@@ -44,7 +47,7 @@ FAMILIES = (
     ("bf16 GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "addmm", "aten::mm",
                    "aten::bmm", "aten::matmul", "aten::linear")),
 )
-MODES = ("bf16", "w4a4", "w4a4-int8", "w8a8")
+MODES = ("bf16", "w4a4", "w8a8", "bf16-fused", "w4a4-fused", "w8a8-fused", "w4a4-int8")
 
 
 def family(name: str) -> str:
@@ -63,11 +66,13 @@ def build(name: str, mode: str, cuda: bool, flux_blocks: int):
     else:
         model, inputs = flux_model(cuda, device, dtype, blocks=flux_blocks)
         blocks = 3 * flux_blocks if cuda else 3
-    if mode != "bf16":
-        bits = mode.split("-")[0]
+    bits, *flags = mode.split("-")
+    if "fused" in flags:  # the same fusion for bf16, so the two compare like for like
+        fuse_projections(model)
+    if bits != "bf16":
         clq_triton.patch(model, clq_triton.QuantConfig.from_bits(bits, group_size=None),
                          progress=False)
-        if mode.endswith("-int8"):
+        if "int8" in flags:
             clq_triton.use_int8_operands(model)
     return model, inputs, blocks
 
@@ -207,10 +212,12 @@ def write(out_dir: str, info: dict, rows: list[dict]) -> str:
              + " | launches | host µs / quant call | host µs / nn.Linear | peak MiB | "
                "resident MiB | rel. err |",
              "|---" * (13 + len(fams)) + "|"]
-    base = {r["model"]: r for r in rows if r["mode"] == "bf16"}
+    base = {(r["model"], r["mode"] == "bf16-fused"): r for r in rows
+            if r["mode"] in ("bf16", "bf16-fused") and "error" not in r}
 
-    def ratio(r, key):
-        b = base.get(r["model"], {}).get(key)
+    def ratio(r, key):  # against bf16 fused the same way (unfused bf16 if that is missing)
+        fused = "fused" in r["mode"]
+        b = base.get((r["model"], fused), base.get((r["model"], False), {})).get(key)
         return f"{b / r[key]:.2f}×" if b and r.get(key) else ""
 
     for r in rows:
@@ -247,16 +254,17 @@ def main(argv=None) -> int:
     info = env_info("cuda" if cuda else "cpu")
     print(json.dumps(info), flush=True)
     rows, t0 = [], time.perf_counter()
-    for name in args.models.split(","):
-        ref = None
-        for mode in args.modes.split(","):
+    refs = {}  # model → its bf16 output
+    # modes outside, models inside: a spent budget drops the last modes of every model
+    for mode in args.modes.split(","):
+        for name in args.models.split(","):
             if time.perf_counter() - t0 > args.budget:
                 rows.append(dict(model=name, mode=mode, error="time budget spent"))
                 continue
             try:
-                row, out = measure(name, mode, args, cuda, ref)
+                row, out = measure(name, mode, args, cuda, refs.get(name))
                 if mode == "bf16":
-                    ref = out
+                    refs[name] = out
             except Exception as e:  # noqa: BLE001 - record it, go on with the rest
                 row = dict(model=name, mode=mode, error=repr(e)[:600],
                            tb=traceback.format_exc()[-1500:])

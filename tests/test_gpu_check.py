@@ -85,12 +85,16 @@ def test_profile_forward_smoke(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     (js,) = tmp_path.glob("profile-*.json")
     rows = json.loads(js.read_text())["rows"]
+    modes = ("bf16", "w4a4", "w4a4-int8", "w8a8", "bf16-fused", "w4a4-fused", "w8a8-fused")
     assert {(r["model"], r["mode"]) for r in rows} == {
-        (m, k) for m in ("pixart", "flux") for k in ("bf16", "w4a4", "w4a4-int8", "w8a8")}
+        (m, k) for m in ("pixart", "flux") for k in modes}
+    by = {(r["model"], r["mode"]): r for r in rows}
     for r in rows:
         assert "error" not in r, r
         assert r["eager_ms"] > 0 and r["family_ms"], r
-        if r["mode"] != "bf16":
+        if r["mode"].endswith("-fused") and r["mode"] != "bf16-fused":  # fewer passes
+            assert r["quant_calls"] < by[r["model"], r["mode"][:-6]]["quant_calls"], r
+        if not r["mode"].startswith("bf16"):
             assert r["quant_calls"] > 0 and r["host_us_per_quant_call"] > 0, r
             assert r["rel_err_vs_bf16"] < (0.01 if r["mode"] == "w8a8" else 0.2), r
             assert r["family_ms"].get("activation pass", 0) > 0, r
