@@ -222,8 +222,8 @@ def _peak_depth(model, name, lin, cfg, tf, blocks, links, bi, calls, max_depth, 
     return max(range(max_depth + 1), key=lambda d: err[d])
 
 
-def _quantize(lin, cfg, tf) -> QuantLinear:
-    return QuantLinear.from_linear(lin, cfg, tf.perm, tf.scale, tf.shift, tf.hessian)
+def _quantize(lin, cfg, tf, split=None) -> QuantLinear:
+    return QuantLinear.from_linear(lin, cfg, tf.perm, tf.scale, tf.shift, tf.hessian, split)
 
 
 def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:
@@ -232,9 +232,11 @@ def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:
     time, every other w_clip for that segment alone (the activation clip stays shared: one
     activation pass). Returns the layer quantized with the best clips (ties keep the
     earlier)."""
+    # the low-rank split does not depend on the clips: one for every candidate
+    split = QuantLinear.lowrank_parts(lin, cfg.lowrank, tf.scale) if cfg.lowrank else None
     best = (float("inf"), 1.0, 1.0)
     for wc in method.w_clip_grid:
-        q = _quantize(lin, cfg.replace(w_clip=wc), tf)
+        q = _quantize(lin, cfg.replace(w_clip=wc), tf, split)
         for ac in method.a_clip_grid:
             q.config = cfg.replace(w_clip=wc, a_clip=ac)
             err = error(q)
@@ -251,12 +253,12 @@ def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:
                     continue
                 trial = cfg.replace(w_clip_segments=tuple(
                     zip(parts, clips[:i] + [c] + clips[i + 1:])))
-                e = error(_quantize(lin, trial, tf))
+                e = error(_quantize(lin, trial, tf, split))
                 if e < err:
                     err, clips[i] = e, c
         if len(set(clips)) > 1:
             cfg = cfg.replace(w_clip_segments=tuple(zip(parts, clips)))
-    return _quantize(lin, cfg, tf)
+    return _quantize(lin, cfg, tf, split)
 
 
 def _search(model, name, lin, cfg, tf, method, target_error) -> QuantLinear:

@@ -30,6 +30,12 @@ from .lowrank import lowrank_split
 FLOAT32_BUFFERS = ("wscale", "channel_scale", "channel_shift", "bias", "weight_dequantized")
 
 
+def _smoothed(linear: nn.Linear, channel_scale: torch.Tensor | None) -> torch.Tensor:
+    """W·D⁻¹, float32 [N, K], on the weight's device (D = diag(channel_scale) or I)."""
+    w = linear.weight.detach().float()
+    return w if channel_scale is None else w / channel_scale.to(w.device, torch.float32)
+
+
 def _quantize_rows(w_rot: torch.Tensor, hessian: torch.Tensor | None, config: QuantConfig):
     """(codes, scale, group_int) of the rotated weight [N, K] (kernels.quantize's format):
     rounded to nearest, or by GPTQ with ``hessian``; with ``config.w_clip_segments`` each
@@ -140,6 +146,7 @@ class QuantLinear(nn.Module):
         channel_scale: torch.Tensor | None = None,
         channel_shift: torch.Tensor | None = None,
         hessian: torch.Tensor | None = None,
+        split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear`` offline: W' = W·D⁻¹·S·H (float32 on the weight's device), then
         symmetric quantization with ``config.w_clip`` (kernels.quantize.quantize_weight_ref),
@@ -150,7 +157,9 @@ class QuantLinear(nn.Module):
         hessian: [K, K] Σ xᵀx of inputs in the rotated basis: the codes are rounded by GPTQ
         (clq_triton.gptq) with the same scales, instead of to nearest.
         ``config.lowrank`` = r > 0: W·D⁻¹ is split into its rank-min(r, N, K) part, kept in the
-        weight's dtype, and the residual that is quantized (clq_triton.lowrank)."""
+        weight's dtype, and the residual that is quantized (clq_triton.lowrank).
+        split: that split, from :meth:`lowrank_parts` with the same linear, rank and
+        channel_scale, reused instead of recomputed (CLPS quantizes a layer with many clips)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -175,16 +184,19 @@ class QuantLinear(nn.Module):
                 has_perm=perm is not None, has_channel_scale=channel_scale is not None,
                 has_channel_shift=channel_shift is not None, device=w.device,
                 lowrank_dtype=w.dtype)
-        w = w.float()
-        cs = None
         if channel_scale is not None:
-            cs = channel_scale.to(torch.float32)
-            q.channel_scale.copy_(cs)
-            w = w / cs
+            q.channel_scale.copy_(channel_scale)
         if config.lowrank:
-            down, up, w = lowrank_split(w, config.lowrank, cs, q.lowrank_down.dtype)
+            down, up, w = split if split is not None else \
+                cls.lowrank_parts(linear, config.lowrank, channel_scale)
+            r = config.lowrank
+            if (down.shape, up.shape, w.shape) != ((k, r), (r, n), (n, k)):
+                raise ValueError(f"split has shapes {tuple(down.shape)}, {tuple(up.shape)}, "
+                                 f"{tuple(w.shape)}; expected ({k}, {r}), ({r}, {n}), ({n}, {k})")
             q.lowrank_down.copy_(down)
             q.lowrank_up.copy_(up)
+        else:
+            w = _smoothed(linear, channel_scale)
         codes, scale, group_int = _quantize_rows(rotate_ref(w, perm, config.hadamard_block),
                                                  hessian, config)
         q.qweight.copy_(pack_codes(codes, config.w_bits))
@@ -203,6 +215,16 @@ class QuantLinear(nn.Module):
         elif b is not None:
             q.bias.copy_(b.detach().float())
         return q
+
+    @staticmethod
+    def lowrank_parts(linear: nn.Linear, rank: int, channel_scale: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(down [K, r], up [r, N] in the weight's dtype, residual float32 [N, K]) of
+        clq_triton.lowrank.lowrank_split for W·D⁻¹, r = min(rank, N, K), on the weight's
+        device: what :meth:`from_linear` splits off, for its ``split`` argument."""
+        w = linear.weight
+        cs = None if channel_scale is None else channel_scale.to(w.device, torch.float32)
+        return lowrank_split(_smoothed(linear, cs), min(rank, *w.shape), cs, w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float("x", x)

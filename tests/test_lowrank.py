@@ -158,3 +158,37 @@ def test_branch_lowers_model_error_and_round_trips(pipe_and_data, tmp_path):
                 want = output_tensors(run_model(model, s, "cpu"))[0]
                 got = output_tensors(run_model(loaded, s, "cpu"))[0]
                 assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_given_split_gives_the_same_layer(gen, dtype):
+    """from_linear(split=lowrank_parts(...)) is bit for bit the layer that splits itself; a
+    split of the wrong shape is refused."""
+    lin = _spiky_linear(gen).to(dtype)
+    k = lin.in_features
+    scale = 0.5 + torch.rand(k, generator=gen)
+    shift = torch.randn(k, generator=gen) * 0.1
+    perm = torch.randperm(k, generator=gen)
+    cfg = QuantConfig(lowrank=6, hadamard_block=64, w_clip=0.9)
+    split = QuantLinear.lowrank_parts(lin, 6, scale)
+    got = QuantLinear.from_linear(lin, cfg, perm, scale, shift, split=split)
+    want = QuantLinear.from_linear(lin, cfg, perm, scale, shift)
+    for (name, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="split has shapes"):
+        QuantLinear.from_linear(lin, cfg, perm, scale, shift,
+                                split=QuantLinear.lowrank_parts(lin, 5, scale))
+
+
+def test_clip_search_splits_each_layer_once(pipe_and_data, monkeypatch):
+    """CLPS tries every clip on one split per layer (the split does not depend on them)."""
+    import clq_triton.quant_linear as ql
+
+    pipe, data = pipe_and_data
+    model = copy.deepcopy(pipe.transformer)
+    calls = []
+    real = ql.lowrank_split
+    monkeypatch.setattr(ql, "lowrank_split", lambda *a: calls.append(1) or real(*a))
+    report = clq_triton.patch(model, "w4a4", CLQ(lowrank=4, w_clip_grid=(1.0, 0.9, 0.8),
+                                                 a_clip_grid=(1.0,)), data, progress=False)
+    assert len(calls) == len(report.quantized)
