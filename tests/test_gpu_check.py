@@ -79,9 +79,11 @@ def test_rotate_probe_runs_and_summarizes(kernel_device, monkeypatch, capsys):
 def test_profile_forward_smoke(tmp_path):
     """bench/profile_forward.py, the first measurement of a GPU session: its --smoke mode runs
     every model and mode on the CPU and writes its table."""
+    # the PyTorch references (not the interpreter): the script is under test, not the kernels
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_forward.py"),
                           "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     (js,) = tmp_path.glob("profile-*.json")
     rows = json.loads(js.read_text())["rows"]
