@@ -26,14 +26,17 @@ def test_state_dict_holds_tensors_only(gen):
 
 @pytest.mark.parametrize("offload_buffers", [True, False])
 @pytest.mark.parametrize("int8", [False, True], ids=["packed", "int8-operands"])
-def test_sequential_offload_hooks_give_the_same_output(gen, offload_buffers, int8):
-    """accelerate.cpu_offload (enable_sequential_cpu_offload's hook) on a patched PixArt:
-    quantized buffers wait on the meta device (offload_buffers) and arrive per layer; the
-    output is the un-offloaded model's, bit for bit."""
+@pytest.mark.parametrize("name, fuse", [("pixart", False), ("flux", True)])
+def test_sequential_offload_hooks_give_the_same_output(gen, offload_buffers, int8, name, fuse):
+    """accelerate.cpu_offload (enable_sequential_cpu_offload's hook) on a patched PixArt, and
+    a fused FLUX (its shared-input layers included): quantized buffers wait on the meta
+    device (offload_buffers) and arrive per layer; the output is the un-offloaded model's,
+    bit for bit."""
     from accelerate import cpu_offload
 
-    model, inputs = MODELS["pixart"](gen)
-    clq_triton.patch(model.eval(), QuantConfig(group_size=None), progress=False)
+    model, inputs = MODELS[name](gen)
+    clq_triton.patch(model.eval(), QuantConfig(group_size=None), progress=False,
+                     fuse_projections=fuse)
     if int8:
         clq_triton.use_int8_operands(model)
     with torch.no_grad():
