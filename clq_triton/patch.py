@@ -120,7 +120,8 @@ def patch(
       k/v, context q/k/v; FLUX single blocks' q/k/v and MLP input) into one Linear each,
       with diffusers' own fusion where it has one (:func:`clq_triton.fuse.fuse_projections`,
       function-preserving), so each is one activation pass and one GEMM; listed in
-      ``PatchReport.fused``. Calibration gives a fused
+      ``PatchReport.fused``. ``include`` / ``exclude`` then see the fused names
+      (``to_qkv``, ``to_kv``, ``to_added_qkv``, ``to_qkv_mlp``). Calibration gives a fused
       layer one channel transform and one activation clip, and searches its weight clip per
       output segment (q, k, v). The fusion stays if patching fails.
 
