@@ -111,6 +111,7 @@ def main():
             store = json.load(f)
         write_table(args, store)
         print("\n".join(summary_tables(store["rows"])))
+        print("\nREADME table:\n\n" + "\n".join(readme_table(store["rows"])))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -314,6 +315,38 @@ def summary_tables(rows: dict) -> list[str]:
         out.append(f"| {model} | {mode} | {top} | {stat(r, 'psnr')[0]:.2f} / "
                    f"{stat(r, 'acc')[0]:.3f} | {stat(w8, 'psnr')[0]:.2f} / "
                    f"{stat(w8, 'acc')[0]:.3f} | {margin(r, w8)} |")
+    return out
+
+
+def readme_table(rows: dict) -> list[str]:
+    """Markdown for the README: per (model, bits, scale mode), CLQ, the best baseline and the
+    best CLQ option (by mean PSNR; CLQ itself counts), each as mean PSNR / accuracy; the best
+    CLQ option in bold where it leads every baseline."""
+    means: dict = {}
+    for r in rows.values():
+        if r["method"] != "FP":
+            means.setdefault((r["model"], r["bits"], r["mode"]), {})[r["method"]] = r
+
+    def mean(r, k):
+        return statistics.fmean(x[k] for x in r["seeds"])
+
+    def cell(r):
+        return f"{mean(r, 'psnr'):.2f} dB / {mean(r, 'acc'):.3f}"
+
+    out = ["| model | bits | scales | CLQ | best baseline | its PSNR / accuracy | "
+           "best CLQ option | its PSNR / accuracy |", "|---" * 8 + "|"]
+    for g in sorted(means, key=_group_key):
+        rs = means[g]
+        base = [m for m in BASELINES if m in rs]
+        opts = [m for m in CLQ_OPTIONS if m in rs]
+        if "CLQ" not in rs or not base:
+            continue
+        top = max(base, key=lambda m: mean(rs[m], "psnr"))
+        best = max(opts, key=lambda m: mean(rs[m], "psnr"))
+        lead = mean(rs[best], "psnr") > mean(rs[top], "psnr")
+        mark = "**" if lead else ""
+        out.append(f"| {' | '.join(g)} | {cell(rs['CLQ'])} | {top} | {cell(rs[top])} | "
+                   f"{best} | {mark}{cell(rs[best])}{mark} |")
     return out
 
 

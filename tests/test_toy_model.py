@@ -67,7 +67,10 @@ def test_train_script_and_quality_table_run(tmp_path):
     table.unlink()  # --summary rewrites the table from the json alone and prints the summary
     out = subprocess.run(cmd + ["--summary"], capture_output=True, text=True, timeout=600,
                          env=env)
-    assert out.returncode == 0 and out.stdout.strip() in table.read_text(), out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]
+    tables, readme = out.stdout.split("\nREADME table:")
+    assert tables.strip() in table.read_text()
+    assert "| toy+outliers | w4a4 | g64 | " in readme and "| RTN | " in readme  # the baseline
     assert len(saved["rows"]) == 5 and all(len(r["seeds"]) == 2 for r in saved["rows"].values())
     # rows of other settings are not mixed into one table: a rerun with other seeds refuses
     out = subprocess.run(cmd[:cmd.index("--seeds")] + ["--seeds", "0"]
