@@ -236,8 +236,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--calib-samples", type=int, default=calib,
                        help="sampler steps captured for calibration")
         p.add_argument("--fuse-projections", action="store_true",
-                       help="quantize q/k/v (and k/v, context q/k/v) as one layer each: one "
-                            "activation pass and one GEMM (diffusers' fusion)")
+                       help="quantize q/k/v (and k/v, context q/k/v, FLUX single blocks' "
+                            "q/k/v + MLP input) as one layer each: one activation pass and "
+                            "one GEMM")
 
     q = sub.add_parser("quickstart", help="calibrate + quantize + compare FP and quantized images")
     common(q)
