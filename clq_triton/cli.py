@@ -53,8 +53,27 @@ def quantize(transformer, bits, method, data, timer, fuse=False):
     return report
 
 
-def _needs_calibration(method: str) -> bool:
-    return METHODS[method]().calibrated
+def method_from_args(args):
+    """The method config of ``--method`` with ``--gptq`` and ``--lowrank`` applied."""
+    import dataclasses
+
+    from .methods import CLQ, Calibrated, SVDQuant
+
+    method = METHODS[args.method]()
+    if args.gptq:
+        if not isinstance(method, Calibrated):
+            raise SystemExit(f"--gptq needs a calibrated method (clq, smoothquant, svdquant, "
+                             f"quarot), not {args.method}")
+        method = dataclasses.replace(method, gptq=True)
+    if args.lowrank:
+        if not isinstance(method, (CLQ, SVDQuant)):
+            raise SystemExit(f"--lowrank is an option of clq and svdquant, not {args.method}")
+        field = "lowrank" if isinstance(method, CLQ) else "rank"
+        try:
+            method = dataclasses.replace(method, **{field: args.lowrank})
+        except ValueError as e:
+            raise SystemExit(f"--lowrank: {e}") from None
+    return method
 
 
 # ------------------------------------------------------------------------------ quickstart
@@ -71,11 +90,11 @@ def tiny_dit(args, timer):
     timer.lap(f"loaded the shipped tiny DiT ({sum(p.numel() for p in fp.parameters()):,} "
               f"parameters, {device})")
     data = None
-    if _needs_calibration(args.method):
+    if args.method_config.calibrated:
         data = calibration_data(fp, sched, args.steps, args.calib_samples)
         timer.lap(f"captured {len(data)} calibration steps")
     quant = copy.deepcopy(fp)
-    quantize(quant, args.bits, args.method, data, timer, args.fuse_projections)
+    quantize(quant, args.bits, args.method_config, data, timer, args.fuse_projections)
     if args.save:
         _save(quant, args.save)
 
@@ -151,8 +170,8 @@ def real_pipeline(args, timer):
     fp_imgs = generate(pipe, prompts, args.steps, seed=0)
     timer.lap(f"generated {len(fp_imgs)} FP images")
     data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer)
-            if _needs_calibration(args.method) else None)
-    quantize(pipe.transformer, args.bits, args.method, data, timer, args.fuse_projections)
+            if args.method_config.calibrated else None)
+    quantize(pipe.transformer, args.bits, args.method_config, data, timer, args.fuse_projections)
     q_imgs = generate(pipe, prompts, args.steps, seed=0)
     timer.lap(f"generated {len(q_imgs)} {args.bits} images")
     print(f"PSNR of {args.bits} vs FP (same noise): {psnr(q_imgs, fp_imgs, 1.0):.2f} dB")
@@ -201,7 +220,7 @@ def read_prompts(path: str) -> list[str]:
 def cmd_quantize(args) -> None:
     timer = Timer()
     prompts = read_prompts(args.prompts) if args.prompts else None
-    if _needs_calibration(args.method) and not prompts:
+    if args.method_config.calibrated and not prompts:
         raise SystemExit(f"--method {args.method} calibrates on the pipeline's own samples: "
                          "give --prompts FILE (one prompt, or DiT class id, per line)")
     from .distributed import barrier, init_from_env, is_main, rank_and_world
@@ -209,9 +228,10 @@ def cmd_quantize(args) -> None:
     init_from_env()  # several processes under torchrun / accelerate launch: capture is shared
     pipe = load_pipeline(args.model, timer)
     data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer,
-                               args.calib_batch) if _needs_calibration(args.method) else None)
+                               args.calib_batch) if args.method_config.calibrated else None)
     if is_main():  # one process calibrates and saves, the others wait and load
-        quantize(pipe.transformer, args.bits, args.method, data, timer, args.fuse_projections)
+        quantize(pipe.transformer, args.bits, args.method_config, data, timer,
+                 args.fuse_projections)
         _save(pipe.transformer, args.out, args.model)
     barrier()
     if not is_main():
@@ -235,6 +255,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=steps, help="sampler steps")
         p.add_argument("--calib-samples", type=int, default=calib,
                        help="sampler steps captured for calibration")
+        p.add_argument("--gptq", action="store_true",
+                       help="round weights with GPTQ (calibrated methods; quality.md: better "
+                            "in every group, calibration about 2.6x longer)")
+        p.add_argument("--lowrank", type=int, default=0, metavar="R",
+                       help="clq: rank of the low-rank branch; svdquant: its rank (default 32)")
         p.add_argument("--fuse-projections", action="store_true",
                        help="quantize q/k/v (and k/v, context q/k/v, FLUX single blocks' "
                             "q/k/v + MLP input) as one layer each: one activation pass and "
@@ -265,6 +290,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    args.method_config = method_from_args(args)
     args.run(args)
 
 

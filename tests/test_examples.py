@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -79,10 +80,13 @@ def test_cli_quantize_saves_a_loadable_transformer(tmp_path):
     (tmp_path / "prompts.txt").write_text("# DiT: class ids\n3\n7\n")
     stdout = run("-m", "clq_triton.cli", "quantize", str(tmp_path / "pipe"), "--bits", "w4a8",
                  "--method", "clq", "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
-                 "--calib-samples", "2", "--out", str(tmp_path / "q"))
+                 "--calib-samples", "2", "--out", str(tmp_path / "q"), "--gptq", "--lowrank", "4")
     assert "captured 2 calibration steps" in stdout
     assert "clq w4a8: quantized 12 Linear layers, skipped 0" in stdout
     assert "DiffusionPipeline.from_pretrained(" in stdout
+    method = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"][
+        "method"]
+    assert method["method"] == "clq" and method["gptq"] and method["lowrank"] == 4
     pipe = DiffusionPipeline.from_pretrained(
         tmp_path / "pipe", transformer=clq_triton.load_quantized(str(tmp_path / "q")))
     assert pipe.transformer.transformer_blocks[1].ff.net[2].config.name == "w4a8"
@@ -96,6 +100,13 @@ def test_cli_errors_are_messages(tmp_path):
                           str(tmp_path / "none.txt"), "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "cannot read prompts" in out.stderr
+    for extra, message in ((["--method", "rtn", "--gptq"], "--gptq needs a calibrated method"),
+                           (["--method", "quarot", "--lowrank", "4"], "option of clq and svdquant"),
+                           (["--lowrank", "-1"], "--lowrank: lowrank must be an int >= 0"),
+                           (["--method", "quarot", "--gptq"], "give --prompts FILE")):
+        out = subprocess.run([sys.executable, "-m", "clq_triton.cli", "quantize", "x", "--out",
+                              str(tmp_path), *extra], capture_output=True, text=True)
+        assert out.returncode != 0 and message in out.stderr, (extra, out.stderr[-500:])
 
 
 def test_console_script_is_declared():
