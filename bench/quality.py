@@ -248,22 +248,29 @@ def _group_key(group):
             -int(mode[1:]) if mode[1:].isdigit() else 0)
 
 
+def _by_group(rows: dict) -> dict:
+    """(model, bits, scale mode) → method → row, the FP rows left out."""
+    means: dict = {}
+    for r in rows.values():
+        if r["method"] != "FP":
+            means.setdefault((r["model"], r["bits"], r["mode"]), {})[r["method"]] = r
+    return means
+
+
+def stat(r, k) -> tuple[float, float]:
+    """Mean and std over a row's seeds of metric ``k``."""
+    v = [x[k] for x in r["seeds"]]
+    return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+
 def summary_tables(rows: dict) -> list[str]:
     """Markdown: PSNR and accuracy per (model, bits, scale mode) × method (means over the
     seeds, the best baseline-or-CLQ value in bold), then CLQ's margins: over the best baseline
     and over CLQ without each part, as differences of the means with the larger seed-std of
     the two in brackets."""
-    means = {}
-    for r in rows.values():
-        if r["method"] != "FP":
-            g = (r["model"], r["bits"], r["mode"])
-            means.setdefault(g, {})[r["method"]] = r
+    means = _by_group(rows)
     groups = sorted(means, key=_group_key)
     methods = [m for m in VARIANTS if any(m in means[g] for g in groups)]
-
-    def stat(r, k):
-        v = [x[k] for x in r["seeds"]]
-        return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
 
     out = []
     for k, title, digits in (("psnr", "PSNR vs FP (dB)", 2), ("acc", "accuracy (all 3)", 3)):
@@ -322,13 +329,10 @@ def readme_table(rows: dict) -> list[str]:
     """Markdown for the README: per (model, bits, scale mode), CLQ, the best baseline and the
     best CLQ option (by mean PSNR; CLQ itself counts), each as mean PSNR / accuracy; the best
     CLQ option in bold where it leads every baseline."""
-    means: dict = {}
-    for r in rows.values():
-        if r["method"] != "FP":
-            means.setdefault((r["model"], r["bits"], r["mode"]), {})[r["method"]] = r
+    means = _by_group(rows)
 
     def mean(r, k):
-        return statistics.fmean(x[k] for x in r["seeds"])
+        return stat(r, k)[0]
 
     def cell(r):
         return f"{mean(r, 'psnr'):.2f} dB / {mean(r, 'acc'):.3f}"

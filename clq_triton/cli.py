@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 
 import torch
 
-from .methods import METHODS
+from .methods import CLQ, METHODS, Calibrated, SVDQuant
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -55,10 +56,6 @@ def quantize(transformer, bits, method, data, timer, fuse=False):
 
 def method_from_args(args):
     """The method config of ``--method`` with ``--gptq`` and ``--lowrank`` applied."""
-    import dataclasses
-
-    from .methods import CLQ, Calibrated, SVDQuant
-
     method = METHODS[args.method]()
     if args.gptq:
         if not isinstance(method, Calibrated):

@@ -102,8 +102,8 @@ def _share_block_inputs(model: nn.Module, names: list[str]) -> None:
             mlp.in_features == qkv.in_features
         return (mlp, attn, qkv) if ok else None
 
-    for name, block in [(n, b) for n, b in model.named_modules() if pair(b)]:
-        mlp, attn, qkv = pair(block)
+    for name, block, (mlp, attn, qkv) in [(n, b, p) for n, b in model.named_modules()
+                                          if (p := pair(b))]:
         shared = _concat([qkv, mlp])
         setattr(shared, _SEGMENTS, (segments(qkv) or (qkv.out_features,)) + (mlp.out_features,))
         block.to_qkv_mlp = shared
@@ -130,7 +130,7 @@ def fusion_version(model: nn.Module) -> int:
     shared-input layers as well (:data:`FUSION_VERSION`); recorded in checkpoints."""
     if not is_fused(model):
         return 0
-    return 2 if any(isinstance(m, SharedOutput) for m in model.modules()) else 1
+    return FUSION_VERSION if any(isinstance(m, SharedOutput) for m in model.modules()) else 1
 
 
 def fuse_projections(model: nn.Module, shared_inputs: bool = True) -> list[str]:

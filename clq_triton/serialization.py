@@ -98,7 +98,7 @@ def load_quantized(directory: str, model: nn.Module | None = None,
         raise ValueError(f"{os.path.join(directory, CONFIG)}: fused_projections {fused!r}; "
                          f"this clq-triton knows fusion versions up to {FUSION_VERSION}")
     if fused:
-        fuse_projections(model, shared_inputs=fused == 2)
+        fuse_projections(model, shared_inputs=fused == FUSION_VERSION)
     # validate everything before the model is touched
     for name, spec in specs.items():
         try:
