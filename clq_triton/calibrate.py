@@ -29,7 +29,7 @@ from .blocks import find_blocks, output_tensors, run_block, run_model
 from .capture import CalibrationData, to_device
 from .config import QuantConfig
 from .fuse import segments
-from .gptq import transform_hessian
+from .gptq import factor_hessian, transform_hessian
 from .methods import Calibrated
 from .quant_linear import QuantLinear
 from .smoothing import ChannelRange
@@ -183,9 +183,10 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
         tf = method.channel_transform(stats.lo[name], stats.hi[name], stats.mean[name], lin,
                                       cfg)
         if method.gptq and stats.rows[name]:  # a layer its block never called: RTN
-            tf = dataclasses.replace(tf, hessian=transform_hessian(
+            # factored once here: every clip candidate and segment reuses the factor
+            tf = dataclasses.replace(tf, hessian=factor_hessian(transform_hessian(
                 stats.gram[name], stats.total[name], stats.rows[name], tf.shift, tf.scale,
-                tf.perm, cfg.hadamard_block))
+                tf.perm, cfg.hadamard_block)))
         if target is None:
             q = _quantize(lin, cfg, tf)
         elif target == "layer":
@@ -234,15 +235,15 @@ def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:
     earlier)."""
     # the low-rank split does not depend on the clips: one for every candidate
     split = QuantLinear.lowrank_parts(lin, cfg.lowrank, tf.scale) if cfg.lowrank else None
-    best = (float("inf"), 1.0, 1.0)
+    best = (float("inf"), 1.0, 1.0, None)
     for wc in method.w_clip_grid:
         q = _quantize(lin, cfg.replace(w_clip=wc), tf, split)
         for ac in method.a_clip_grid:
             q.config = cfg.replace(w_clip=wc, a_clip=ac)
             err = error(q)
             if err < best[0]:
-                best = (err, wc, ac)
-    err, wc, ac = best
+                best = (err, wc, ac, q)
+    err, wc, ac, best_q = best
     cfg = cfg.replace(w_clip=wc, a_clip=ac)
     parts = segments(lin)
     if len(parts) > 1 and len(method.w_clip_grid) > 1:
@@ -258,7 +259,10 @@ def _best_clips(lin, cfg, tf, method, error) -> QuantLinear:
                     err, clips[i] = e, c
         if len(set(clips)) > 1:
             cfg = cfg.replace(w_clip_segments=tuple(zip(parts, clips)))
-    return _quantize(lin, cfg, tf, split)
+    if best_q is None or cfg.w_clip_segments:  # no finite score, or segments of their own
+        return _quantize(lin, cfg, tf, split)
+    best_q.config = cfg  # the activation clip is a run-time setting: same weights
+    return best_q
 
 
 def _search(model, name, lin, cfg, tf, method, target_error) -> QuantLinear:

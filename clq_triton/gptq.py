@@ -10,6 +10,8 @@ QuantLinear, after shift, smoothing, permutation and rotation (:func:`transform_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .kernels.formats import qmax_for
@@ -17,43 +19,71 @@ from .kernels.hadamard import rotate_ref
 from .kernels.quantize import quantize_weight_ref
 
 
-def gptq_weight(w: torch.Tensor, hessian: torch.Tensor, group_size: int | None, bits: int,
-                clip: float = 1.0, block: int = 128, damp: float = 0.01):
-    """GPTQ codes of ``w`` [N, K] for inputs with Hessian ``hessian`` = Σ xᵀx [K, K].
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs of a layer's Hessian, computed once (:func:`factor_hessian`) and reused
+    by every weight-clip candidate and fused-layer segment of the layer: ``upper``, float64
+    [K, K], the upper Cholesky factor U of (H + λ·I)⁻¹ (UᵀU = that inverse); ``dead``, bool
+    [K], the columns never seen (zero diagonal), whose codes are 0."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+
+
+def factor_hessian(hessian: torch.Tensor, damp: float = 0.01) -> HessianFactor:
+    """:class:`HessianFactor` of ``hessian`` = Σ xᵀx [K, K]; ``damp``: fraction of the mean
+    diagonal added to it (dead columns' diagonals count as 1). Float64; three O(K³) steps
+    (two Cholesky factorizations and an inverse), the part of GPTQ that does not depend on
+    the weight or its scales."""
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return HessianFactor(upper, dead)
+
+
+def gptq_weight(w: torch.Tensor, hessian: torch.Tensor | HessianFactor,
+                group_size: int | None, bits: int, clip: float = 1.0, block: int = 128,
+                damp: float = 0.01):
+    """GPTQ codes of ``w`` [N, K] for inputs with Hessian ``hessian`` = Σ xᵀx [K, K], or its
+    :class:`HessianFactor` (then ``damp`` is the factor's).
 
     Returns (codes int8 [N, K], scale float32 [N], group_int uint8 [N, K/G] or None), the
-    format of ``quantize_weight_ref`` with its scales. ``damp``: fraction of the mean diagonal
-    added to it; columns never seen (zero diagonal) get code 0. Float64 throughout; columns
-    in ``block``-wide batches with lazy updates (the result does not depend on ``block``)."""
+    format of ``quantize_weight_ref`` with its scales. ``damp``: fraction of the mean
+    diagonal added to it; columns never seen (zero diagonal) get code 0. Float64 throughout;
+    columns in ``block``-wide batches with lazy updates (the result does not depend on
+    ``block``). Works on Wᵀ, so that each column's update is a contiguous row update."""
     n, k = w.shape
+    f = hessian if isinstance(hessian, HessianFactor) else factor_hessian(hessian, damp)
+    if f.upper.shape != (k, k):
+        raise ValueError(f"the Hessian is {tuple(f.upper.shape)} for a weight of {k} columns")
     _, scale, group_int = quantize_weight_ref(w, group_size, bits, clip)
-    step = scale.double()[:, None].expand(n, k)
+    step = scale.double()[None, :].expand(k, n)  # [K, N], like Wᵀ
     if group_int is not None:
-        step = step * group_int.double().repeat_interleave(group_size, dim=1)
+        step = step * group_int.double().T.repeat_interleave(group_size, dim=0)
+    step = step.contiguous()
     inv_step = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
     qmax = qmax_for(bits)
-    W = w.double().clone()
-    H = hessian.double().to(w.device).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H.diagonal().add_(damp * torch.diagonal(H).mean())
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
+    u = f.upper.to(w.device)
+    wt = w.double().T.contiguous()
+    wt[f.dead.to(w.device)] = 0.0
+    qt = torch.empty_like(wt)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        W1 = W[:, i1:i2].clone()
-        err = torch.zeros_like(W1)
+        w1 = wt[i1:i2]  # a view: updated in place
+        err = torch.empty_like(w1)
         for i in range(i2 - i1):
             col = i1 + i
-            q = torch.copysign((W1[:, i].abs() * inv_step[:, col]).add(0.5).floor()
-                               .clamp(max=qmax), W1[:, i])
-            Q[:, col] = q
-            e = (W1[:, i] - q * step[:, col]) / U[col, col]
-            W1[:, i:] -= e[:, None] * U[col, col:i2][None, :]
-            err[:, i] = e
-        W[:, i2:] -= err @ U[i1:i2, i2:]
-    return Q.to(torch.int8), scale, group_int
+            x = w1[i]
+            q = torch.copysign((x.abs() * inv_step[col]).add_(0.5).floor_().clamp_(max=qmax), x)
+            qt[col] = q
+            e = (x - q * step[col]).div_(u[col, col])
+            w1[i + 1:].addr_(u[col, col + 1:i2], e, alpha=-1.0)
+            err[i] = e
+        if i2 < k:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
+    return qt.T.to(torch.int8).contiguous(), scale, group_int
 
 
 def transform_hessian(gram: torch.Tensor, total: torch.Tensor, rows: float,

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from .config import QuantConfig, check_count
+from .gptq import HessianFactor
 from .smoothing import abs_max, outlier_permutation, smoothquant_scale
 
 METHOD_FORMAT = 1  # version of Method.to_dict()
@@ -38,12 +39,13 @@ class ChannelTransform:
     """A layer's input-channel transform x → ((x − shift) · diag(scale))[:, perm] before its
     rotation; None parts are identities. perm: int32 [K]; scale, shift: float32 [K].
     hessian: float64 [K, K], Σ x'ᵀx' of the calibration inputs in the layer's quantized basis
-    (after the transform and the rotation), for GPTQ weight rounding; None: round to nearest."""
+    (after the transform and the rotation), or its :class:`~clq_triton.gptq.HessianFactor`,
+    for GPTQ weight rounding; None: round to nearest."""
 
     perm: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
-    hessian: torch.Tensor | None = None
+    hessian: torch.Tensor | HessianFactor | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,8 @@ class CLQ(Calibrated):
     w_clip_grid / a_clip_grid: the CLPS grid; every pair is tried.
     clps_target: where a candidate's error is measured vs the full-precision model: "block"
         (the block's output), "depth" (the output of the block, at most ``clps_depth``
-        blocks later, where the squared error the layer causes peaks), "output" (the
+        blocks later and no further than the blocks link, where the squared error the layer
+        causes peaks), "output" (the
         transformer's output) or "layer" (the layer's own output, the local baseline).
     lowrank: rank of SVDQuant's full-precision low-rank branch on each layer
         (QuantConfig.lowrank), split off after the shift and smoothing; 0 = none.

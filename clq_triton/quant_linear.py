@@ -9,7 +9,7 @@ from torch import nn
 
 from .capture import to_device
 from .config import QuantConfig
-from .gptq import gptq_weight
+from .gptq import HessianFactor, gptq_weight
 from .kernels._runtime import check_float, use_triton
 from .kernels.formats import (
     FORMAT_VERSION,
@@ -36,7 +36,8 @@ def _smoothed(linear: nn.Linear, channel_scale: torch.Tensor | None) -> torch.Te
     return w if channel_scale is None else w / channel_scale.to(w.device, torch.float32)
 
 
-def _quantize_rows(w_rot: torch.Tensor, hessian: torch.Tensor | None, config: QuantConfig):
+def _quantize_rows(w_rot: torch.Tensor, hessian: torch.Tensor | HessianFactor | None,
+                   config: QuantConfig):
     """(codes, scale, group_int) of the rotated weight [N, K] (kernels.quantize's format):
     rounded to nearest, or by GPTQ with ``hessian``; with ``config.w_clip_segments`` each
     segment of rows is quantized with its own clip (rows are quantized independently in both
@@ -145,7 +146,7 @@ class QuantLinear(nn.Module):
         perm: torch.Tensor | None = None,
         channel_scale: torch.Tensor | None = None,
         channel_shift: torch.Tensor | None = None,
-        hessian: torch.Tensor | None = None,
+        hessian: torch.Tensor | HessianFactor | None = None,
         split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear`` offline: W' = W·D⁻¹·S·H (float32 on the weight's device), then
@@ -154,8 +155,9 @@ class QuantLinear(nn.Module):
 
         perm: int [K] permutation (see kernels.hadamard); channel_scale: positive float [K];
         channel_shift: finite float [K] (the layer then has a bias: b + W·δ, in float64);
-        hessian: [K, K] Σ xᵀx of inputs in the rotated basis: the codes are rounded by GPTQ
-        (clq_triton.gptq) with the same scales, instead of to nearest.
+        hessian: [K, K] Σ xᵀx of inputs in the rotated basis, or its gptq.HessianFactor (to
+        quantize one layer many times): the codes are rounded by GPTQ (clq_triton.gptq) with
+        the same scales, instead of to nearest.
         ``config.lowrank`` = r > 0: W·D⁻¹ is split into its rank-min(r, N, K) part, kept in the
         weight's dtype, and the residual that is quantized (clq_triton.lowrank).
         split: that split, from :meth:`lowrank_parts` with the same linear, rank and

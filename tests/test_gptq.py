@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clq_triton.gptq import gptq_weight, transform_hessian
+from clq_triton.gptq import factor_hessian, gptq_weight, transform_hessian
 from clq_triton.kernels.formats import qmax_for
 from clq_triton.kernels.hadamard import rotate_ref
 from clq_triton.kernels.quantize import dequantize_weight_ref, quantize_weight_ref
@@ -89,3 +89,37 @@ def test_transform_hessian_is_the_hessian_of_the_transformed_inputs(gen, block):
     want = xt.T @ xt
     got = transform_hessian(x.T @ x, x.sum(0), x.shape[0], shift, scale, perm, block)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("bits, group", MODES[:2])
+def test_a_hessian_factor_gives_the_codes_of_its_hessian(gen, bits, group):
+    """gptq_weight with factor_hessian(H) is bit for bit gptq_weight with H, at every clip (the
+    factor is what CLPS reuses across its candidates); a factor of another width is refused."""
+    w = torch.randn(16, 256, generator=gen)
+    x = _inputs(320, 256, gen, outliers=True)
+    x[:, 3] = 0  # a dead column: the factor carries it
+    h = x.T @ x
+    f = factor_hessian(h)
+    for clip in (1.0, 0.85):
+        got, want = gptq_weight(w, f, group, bits, clip), gptq_weight(w, h, group, bits, clip)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want))
+    assert (got[0][:, 3] == 0).all()
+    with pytest.raises(ValueError, match="256 columns"):
+        gptq_weight(w, factor_hessian(h[:128, :128]), group, bits)
+
+
+def test_clip_search_factors_each_hessian_once(pipe_and_data, monkeypatch):
+    """CLQ+GPTQ's CLPS quantizes each layer once per weight clip, with one Hessian factor per
+    layer (the three O(K³) steps do not depend on the clip)."""
+    import copy
+
+    import clq_triton
+    import clq_triton.calibrate as cal
+
+    pipe, data = pipe_and_data
+    calls = []
+    monkeypatch.setattr(cal, "factor_hessian", lambda h: calls.append(1) or factor_hessian(h))
+    with clq_triton.backend("torch"):  # the kernels are not under test
+        report = clq_triton.patch(copy.deepcopy(pipe.transformer), "w4a4", clq_triton.CLQ(
+            gptq=True, w_clip_grid=(1.0, 0.9, 0.8), a_clip_grid=(1.0,)), data, progress=False)
+    assert len(calls) == len(report.quantized)

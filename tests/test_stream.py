@@ -91,13 +91,13 @@ def _state(model):
 @pytest.mark.parametrize("name,method", [
     ("dit", CLQ(w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.8))),
     ("dit", CLQ(cbc=False, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.8))),
-    ("dit", CLQ(clps_target="depth", clps_depth=1, w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0,))),
     ("flux", CLQ(w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0, 0.8))),
     ("sd3", SmoothQuant()),
 ])
 def test_streamed_calibration_equals_replayed(name, method, gen, monkeypatch):
     """O(L) streaming and O(L²) replay (every link removed) quantize bit-identically; the
-    stream runs the whole model a fixed number of times, whatever the depth."""
+    stream runs the whole model a fixed number of times, whatever the depth. (Not the
+    "depth" target: its curve ends where links do, see the next test.)"""
     model, data = _data(name, gen)
     replayed = copy.deepcopy(model)
     forwards = []
@@ -126,4 +126,21 @@ def test_clps_depth_target_records_depths(gen):
     assert set(report.clps_depths) == set(report.quantized)
     last = [n for n in report.quantized if n.startswith("transformer_blocks.1.")]
     assert all(report.clps_depths[n] == 0 for n in last)  # no block after the last
+
+
+def test_clps_depth_curve_ends_where_blocks_do_not_link(gen, monkeypatch):
+    """A block whose input does not follow from the previous block's output (a U-ViT skip;
+    here every link removed) ends the error-vs-depth curve: every depth is 0, and the layers
+    are those of the block target."""
+    model, data = _data("dit", gen)
+    block = copy.deepcopy(model)
+    real_links = calibrate_mod.block_links
+    monkeypatch.setattr(calibrate_mod, "block_links", lambda *a: [None] * len(real_links(*a)))
+    grid = dict(w_clip_grid=(1.0, 0.8), a_clip_grid=(1.0,))
+    report = clq_triton.patch(model, "w4a4", CLQ(clps_target="depth", clps_depth=2, **grid),
+                              data, progress=False)
+    clq_triton.patch(block, "w4a4", CLQ(**grid), data, progress=False)
+    assert set(report.clps_depths.values()) == {0}
+    want, got = _state(block), _state(model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
     assert all(d in (0, 1) for d in report.clps_depths.values())
