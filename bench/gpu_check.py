@@ -65,17 +65,19 @@ def section(name, budget):
     return deco
 
 
-def timer(cuda: bool):
-    """ms per call: triton's do_bench on CUDA, a median of perf_counter runs elsewhere."""
+def timer(cuda: bool, smoke: bool = False):
+    """ms per call: triton's do_bench on CUDA, a median of perf_counter runs elsewhere (one
+    run, without a warm-up call, in --smoke mode: its figures mean nothing)."""
     if cuda:
         from triton.testing import do_bench
 
         return lambda fn: do_bench(fn, warmup=10, rep=50)
 
     def cpu_ms(fn):
-        fn()
+        if not smoke:
+            fn()
         runs = []
-        for _ in range(3):
+        for _ in range(1 if smoke else 3):
             t = time.perf_counter()
             fn()
             runs.append((time.perf_counter() - t) * 1e3)
@@ -162,7 +164,7 @@ def main(argv=None):
     from clq_triton.kernels.rotate_quantize import rotate_quantize
     from clq_triton.methods import fit_hadamard_block
 
-    ms = timer(cuda)
+    ms = timer(cuda, args.smoke)
     info = env_info(dev)
     log(section="env", **info)
     m_big = 4096 if not args.smoke else 64
@@ -394,12 +396,14 @@ def main(argv=None):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        report = patch(model, "w4a4", CLQ(w_clip_grid=(1.0, 0.9), a_clip_grid=(1.0, 0.9)), data,
+        grid = (1.0,) if args.smoke else (1.0, 0.9)  # smoke: one candidate, the same code
+        report = patch(model, "w4a4", CLQ(w_clip_grid=grid, a_clip_grid=grid), data,
                        progress=False)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        log(section="calibration", method="clq w4a4, grid 2x2", blocks=blocks, samples=len(data),
+        log(section="calibration", method=f"clq w4a4, grid {len(grid)}x{len(grid)}",
+            blocks=blocks, samples=len(data),
             tokens=inputs["hidden_states"].shape[-1] ** 2 // 4, layers=len(report.quantized),
             seconds=round(seconds, 2), s_per_block=round(seconds / blocks, 3),
             peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
