@@ -102,14 +102,22 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
     ((x − shift)·scale)·S·H with the shift and scale indexed by the source column."""
     j = tl.arange(0, HALF)
     lo_cols = k0 + (j // 32) * 64 + (j % 32)
-    src_lo = lo_cols
-    src_hi = lo_cols + 32
+    base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    # each branch loads x itself: through an index merged from both, every load was a 2-byte
+    # gather (sm_90 PTX: ld.global.b16), with or without a permutation; without one the
+    # columns are runs of 32 that triton 3.9 reads 16 bytes per load (ld.global.v4)
     if has_perm:
         src_lo = tl.load(perm_ptr + lo_cols)
         src_hi = tl.load(perm_ptr + lo_cols + 32)
-    base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-    x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0)
+        x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        src_lo = lo_cols
+        src_hi = lo_cols + 32
+        x_lo = tl.load(base + lo_cols[None, :], mask=row_ok[:, None], other=0.0)
+        x_hi = tl.load(base + (lo_cols + 32)[None, :], mask=row_ok[:, None], other=0.0)
+    x_lo = x_lo.to(tl.float32)
+    x_hi = x_hi.to(tl.float32)
     if has_sh:
         x_lo = x_lo - tl.load(sh_ptr + src_lo)[None, :]
         x_hi = x_hi - tl.load(sh_ptr + src_hi)[None, :]
