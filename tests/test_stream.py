@@ -126,6 +126,7 @@ def test_clps_depth_target_records_depths(gen):
     assert set(report.clps_depths) == set(report.quantized)
     last = [n for n in report.quantized if n.startswith("transformer_blocks.1.")]
     assert all(report.clps_depths[n] == 0 for n in last)  # no block after the last
+    assert all(d in (0, 1) for d in report.clps_depths.values())
 
 
 def test_clps_depth_curve_ends_where_blocks_do_not_link(gen, monkeypatch):
@@ -143,4 +144,3 @@ def test_clps_depth_curve_ends_where_blocks_do_not_link(gen, monkeypatch):
     assert set(report.clps_depths.values()) == {0}
     want, got = _state(block), _state(model)
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert all(d in (0, 1) for d in report.clps_depths.values())
