@@ -249,7 +249,8 @@ class QuantLinear(nn.Module):
                                                       float(cfg.a_clip), not int8)
         wd = buf.get("weight_dequantized")
         if wd is not None and not use_triton(xq):
-            y = dequantized_matmul(xq, xs, wd, buf["bias"], cfg.a_bits, x.dtype)
+            # int8 operands: the activation codes came unpacked (int8), whatever a_bits is
+            y = dequantized_matmul(xq, xs, wd, buf["bias"], 8 if int8 else cfg.a_bits, x.dtype)
         elif int8:
             y = torch.ops.clq_triton.quant_matmul(xq, xs, w8, buf["wscale"], None,
                                                   buf["bias"], 8, 8, cfg.group_size, x.dtype)

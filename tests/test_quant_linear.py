@@ -395,6 +395,9 @@ def test_dequantized_weight_cache_for_the_reference_path(gen, bits, group):
         assert clq_triton.cache_dequantized_weights(nn.Sequential(q)) == 1
         with mock.patch.object(gemm, "dequantize_weight_ref", side_effect=AssertionError):
             assert torch.equal(q(x), want)
+            # with int8 operands too: their activation codes come unpacked, 4 bits or not
+            assert torch.equal(q.use_int8_operands()(x), want)
+            q.use_int8_operands(False)
     assert "weight_dequantized" not in q.state_dict()
     torch.testing.assert_close(q.weight_dequantized, gemm.dequantize_weight_ref(
         gemm.unpack_codes(q.qweight, q.config.w_bits), q.wscale, q.wgroup), rtol=0, atol=0)
