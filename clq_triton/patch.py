@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .calibrate import calibrate
 from .capture import CalibrationData
 from .config import QuantConfig
+from .fold import fold_permutations
 from .fuse import fuse_projections as fuse_model_projections
 from .kernels.formats import check_k
 from .methods import Method, method_config
@@ -39,6 +40,7 @@ class PatchReport:
     quant_weight_bytes: int = 0  # their packed codes + scales
     clps_depths: dict[str, int] = field(default_factory=dict)  # CLQ(clps_target="depth")
     fused: list[str] = field(default_factory=list)  # layers made by fuse_projections=True
+    folded: list[str] = field(default_factory=list)  # input permutation moved (clq_triton.fold)
 
     @property
     def weight_ratio(self) -> float:
@@ -125,6 +127,10 @@ def patch(
       layer one channel transform and one activation clip, and searches its weight clip per
       output segment (q, k, v). The fusion stays if patching fails.
 
+    The input permutation of each MLP's second layer (CLQ's OBS) is then moved into the first
+    layer's output rows (:func:`clq_triton.fold.fold_permutations`, exact), so that its
+    activation pass reads the input in order; listed in ``PatchReport.folded``.
+
     All or nothing: if quantizing any layer fails, every layer replaced so far is put back
     and the error is raised. A model that already holds QuantLinears is refused (patching
     twice would mix two configs in one model): patch the full-precision model. Replaced
@@ -188,6 +194,7 @@ def patch(
                                        disable=not progress):
                 quantized[name] = QuantLinear.from_linear(lin, cfg)
                 originals.install(name, lin, quantized[name])
+        report.folded = fold_permutations(model)
     except BaseException:
         originals.rollback()
         raise

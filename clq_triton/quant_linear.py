@@ -295,6 +295,40 @@ class QuantLinear(nn.Module):
         if self._buffers.get("weight_dequantized") is not None:
             self.cache_dequantized_weight(True)
 
+    def permute_outputs(self, rows: torch.Tensor) -> "QuantLinear":
+        """Reorder the output features in place: the new y[..., j] is the old y[..., rows[j]]
+        (every buffer indexed by output row follows). rows: int [N], a permutation. Refused
+        with weight clips per output segment (``config.w_clip_segments``: ranges of rows)."""
+        if self.config.w_clip_segments:
+            raise ValueError("permute_outputs: this layer's weight clips are per output "
+                             "segment (config.w_clip_segments); its rows cannot move")
+        check_perm(rows, self.out_features)
+        idx = rows.to(self.qweight.device, torch.long)
+        for name in ("qweight", "wscale", "wgroup", "bias", "qweight_int8", "weight_dequantized"):
+            if self._buffers.get(name) is not None:
+                self._buffers[name] = self._buffers[name].index_select(0, idx)
+        if self.lowrank_up is not None:
+            self._buffers["lowrank_up"] = self.lowrank_up.index_select(1, idx)
+        return self
+
+    def take_permuted_input(self) -> torch.Tensor | None:
+        """Drop the input permutation S in place and return it (None if the layer has none):
+        the layer then expects its input already permuted, x[..., perm] (e.g. by its
+        producer's :meth:`permute_outputs`), and computes what it computed before on x. The
+        channel shift and multiplier and the low-rank branch's down, indexed by input
+        channel, are reordered to match; the codes are in the rotated basis and stay."""
+        perm = self._buffers["perm"]
+        if perm is None:
+            return None
+        idx = perm.long()
+        for name in ("channel_shift", "channel_scale"):
+            if self._buffers[name] is not None:
+                self._buffers[name] = self._buffers[name].index_select(0, idx)
+        if self.lowrank_down is not None:
+            self._buffers["lowrank_down"] = self.lowrank_down.index_select(0, idx)
+        self._buffers["perm"] = None
+        return perm
+
     def use_int8_operands(self, enabled: bool = True) -> "QuantLinear":
         """Run the GEMM on int8 operands (see the class docstring); ``False`` frees the int8
         weight copy. No effect on W8A8 layers, whose codes are int8 already."""
