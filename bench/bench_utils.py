@@ -110,6 +110,30 @@ def flux_model(full: bool, device, dtype, blocks: int = 19, batch: int = 2, seed
     return model, inputs
 
 
+def clq_layers(model, config, fold: bool = True, seed: int = 0) -> int:
+    """Quantize ``model``'s eligible Linears (clq_triton.eligible_linears) in place with the
+    layer structure CLQ gives them — a permutation, a channel shift and a multiplier before
+    the block Hadamard, and the MLPs' permutations folded (clq_triton.fold) unless ``fold`` is
+    False — from random transforms instead of a calibration run: function-preserving, the
+    same kernels' work, for timing at sizes too large to calibrate in a GPU session. Returns
+    how many layers it quantized."""
+    from clq_triton import Hadamard, QuantLinear, eligible_linears
+    from clq_triton.fold import fold_permutations
+    from clq_triton.swap import set_submodule
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = eligible_linears(model)
+    for name, lin in layers:
+        k = lin.in_features
+        set_submodule(model, name, QuantLinear.from_linear(
+            lin, Hadamard().layer_config(config, k), perm=torch.randperm(k, generator=gen),
+            channel_scale=torch.rand(k, generator=gen) + 0.5,
+            channel_shift=torch.randn(k, generator=gen) * 0.01))
+    if fold:
+        fold_permutations(model)
+    return len(layers)
+
+
 class _NoLaunch:
     """Stands for a Triton kernel: ``kernel[grid](*args, **kw)`` does nothing."""
 

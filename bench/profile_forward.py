@@ -6,7 +6,10 @@ transformer, bf16 vs W4A4 vs W8A8, eager and replayed from a CUDA graph.
     python bench/profile_forward.py --smoke                # tiny models on the CPU (the tests)
 
 Per (model, mode), from random weights (data-free Hadamard quantization, per-channel scales;
-``w4a4-int8`` = W4A4 with ``use_int8_operands``; ``-fused`` = projections fused first,
+``w4a4-int8`` = W4A4 with ``use_int8_operands``; ``w4a4-clq`` = CLQ's layer structure
+(random permutation, channel shift and multiplier per layer, ``bench_utils.clq_layers``) with
+the MLPs' permutations folded as ``patch`` folds them, ``-unfolded`` without the fold (every
+layer gathers its input); ``-fused`` = projections fused first,
 ``fuse_projections``, bf16 too): ms per forward eager and replayed from a CUDA
 graph (``torch.cuda.graph``), per block too; GPU time by op family from torch.profiler
 (activation pass, quantized GEMM, bf16 GEMM, attention, other); kernel launches per forward;
@@ -35,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_utils, g
 import torch  # noqa: E402
 
 import clq_triton  # noqa: E402
-from bench_utils import flux_model, pixart_model  # noqa: E402
+from bench_utils import clq_layers, flux_model, pixart_model  # noqa: E402
 from gpu_check import env_info  # noqa: E402
 from clq_triton.fuse import fuse_projections  # noqa: E402
 
@@ -47,7 +50,8 @@ FAMILIES = (
     ("bf16 GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "addmm", "aten::mm",
                    "aten::bmm", "aten::matmul", "aten::linear")),
 )
-MODES = ("bf16", "w4a4", "w8a8", "bf16-fused", "w4a4-fused", "w8a8-fused", "w4a4-int8")
+MODES = ("bf16", "w4a4", "w8a8", "w4a4-clq", "w4a4-clq-unfolded", "bf16-fused", "w4a4-fused",
+         "w8a8-fused", "w4a4-int8")
 
 
 def family(name: str) -> str:
@@ -69,9 +73,11 @@ def build(name: str, mode: str, cuda: bool, flux_blocks: int):
     bits, *flags = mode.split("-")
     if "fused" in flags:  # the same fusion for bf16, so the two compare like for like
         fuse_projections(model)
-    if bits != "bf16":
-        clq_triton.patch(model, clq_triton.QuantConfig.from_bits(bits, group_size=None),
-                         progress=False)
+    config = clq_triton.QuantConfig.from_bits(bits, group_size=None) if bits != "bf16" else None
+    if "clq" in flags:
+        clq_layers(model, config, fold="unfolded" not in flags)
+    elif config is not None:
+        clq_triton.patch(model, config, progress=False)
         if "int8" in flags:
             clq_triton.use_int8_operands(model)
     return model, inputs, blocks

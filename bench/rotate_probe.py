@@ -4,7 +4,9 @@ for per-token scales, one launch per span or two per tile (``_split_spans``): th
 PixArt-sized input and the share of packed bytes equal to the PyTorch reference's on a small
 one. Also the dot precision for block 128, and the path of CLQ's layers ("obs": a channel
 shift and multiplier before the rotation, so the dots take float32 values: "tf32x2", the
-shipped split into two tf32 parts, vs triton's tf32x3 and ieee).
+shipped split into two tf32 parts, vs triton's tf32x3 and ieee), and the shipped plan with its
+input gathered by a permutation vs read in order (what clq_triton.fold saves an MLP's second
+layer).
 
     python bench/rotate_probe.py [bf16|fp32]     # on a CUDA machine; one JSON line per setting
     python bench/rotate_probe.py --summary probe.jsonl   # per (block, group): shipped vs best
@@ -111,6 +113,15 @@ def main(dtype_name="bf16"):
         print(json.dumps(dict(dtype=dtype_name, copy_ms=do_bench(lambda: y.copy_(xt)),
                               gather_ms=do_bench(lambda: torch.index_select(xt, 1, pt)))),
               flush=True)
+        # the shipped plan with the input gathered by a permutation (CLQ's layers) and in
+        # order (no permutation, or one folded into the producer: clq_triton.fold)
+        for block, group, obs in itertools.product((64, 128), (None, 64), (False, True)):
+            vect = dict(channel_shift=sht, channel_scale=cst) if obs else {}
+            ms = {name: do_bench(lambda p=p: rq.rotate_quantize(
+                xt, p, block, group, 4, check_perm_values=False, **vect))
+                for name, p in (("gather", pt), ("in_order", None))}
+            print(json.dumps(dict(dtype=dtype_name, hadamard_block=block, group=group, obs=obs,
+                                  permutation_ms=ms)), flush=True)
     refs = {}
     for block, group, bm, warps, waves, prec, split, obs in settings(xdt):
         vec = dict(channel_shift=sh, channel_scale=cs) if obs else {}
@@ -172,6 +183,14 @@ def summary(lines) -> list[str]:
            or r.get("scale_nan_mismatch")]
     out.append(f"\n{len(rows)} settings, {len(ok)} timed and correct, {len(bad)} failed or "
                "wrong")
+    perm = [json.loads(ln) for ln in lines if '"permutation_ms"' in ln]
+    if perm:
+        out += ["", "| dtype | block | group | obs | gathered ms | in order ms | ratio |",
+                "|---|---|---|---|---|---|---|"]
+        for r in perm:
+            g, o = r["permutation_ms"]["gather"], r["permutation_ms"]["in_order"]
+            out.append(f"| {r['dtype']} | {r['hadamard_block']} | {r['group']} | {r['obs']} | "
+                       f"{g:.3f} | {o:.3f} | {g / o:.2f}× |")
     return out
 
 
