@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .fold import fold_permutations
 from .fuse import FUSION_VERSION, fuse_projections, fusion_version
 from .jsonfile import write_atomic
 from .kernels.formats import FORMAT_VERSION
@@ -79,7 +80,9 @@ def load_quantized(directory: str, model: nn.Module | None = None,
     device: where to put the loaded model (default: the passed model's device, or CPU).
     A checkpoint saved with fused projections (``patch(..., fuse_projections=True)``) first
     fuses the model's projections (function-preserving; done before validation, so a
-    passed-in model is fused even when the checkpoint is then refused).
+    passed-in model is fused even when the checkpoint is then refused). MLP permutations a
+    checkpoint holds unfolded (saved before clq-triton folded them) are folded on load
+    (:func:`clq_triton.fold.fold_permutations`, exact).
     """
     config, quant = _read_config(directory)
     specs = quant["layers"]
@@ -135,6 +138,7 @@ def load_quantized(directory: str, model: nn.Module | None = None,
     rest = {k: v for k, v in state.items() if not any(k.startswith(n + ".") for n in new_layers)}
     model.load_state_dict(rest, strict=False, assign=True)  # the checkpoint's dtypes
     model._clq_patch = {"method": quant.get("method"), "config": quant.get("config")}
+    fold_permutations(model)  # checkpoints saved before patch folded them (exact)
     return model.to(device).eval()
 
 

@@ -146,3 +146,22 @@ def test_patch_reports_the_fold_and_the_checkpoint_loads_folded(gen, tmp_path):
             assert loaded.get_submodule(report.folded[0]).perm is None
             with torch.no_grad():
                 assert torch.equal(output(loaded, inputs), want)
+
+
+def test_an_unfolded_checkpoint_loads_folded(gen, tmp_path, monkeypatch):
+    """Checkpoints saved before patch folded the MLPs' permutations fold on load, exactly."""
+    fp, inputs = MODELS["dit"](gen)
+    fp.eval()
+    monkeypatch.setattr(importlib.import_module("clq_triton.patch"), "fold_permutations",
+                        lambda model: [])
+    with clq_triton.backend("torch"):
+        clq_triton.patch(fp, "w4a4", CLQ(clps=False),
+                         clq_triton.CalibrationData.from_inputs([inputs]), progress=False)
+        assert all(m.perm is not None for m in fp.modules() if isinstance(m, QuantLinear))
+        clq_triton.save_quantized(fp, str(tmp_path))
+        loaded = clq_triton.load_quantized(str(tmp_path))
+        assert [n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)
+                and m.perm is None] == [f"transformer_blocks.{i}.ff.net.2" for i in range(2)]
+        with torch.no_grad():
+            torch.testing.assert_close(output(loaded, inputs), output(fp, inputs),
+                                       rtol=1e-4, atol=1e-5)
