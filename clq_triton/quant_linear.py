@@ -21,7 +21,7 @@ from .kernels.formats import (
     unpack_codes,
 )
 from .kernels.gemm import dequantized_matmul
-from .kernels.hadamard import check_block, check_perm, rotate_ref
+from .kernels.hadamard import check_block, check_perm, find_perm_runs, rotate_ref
 from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
 from .kernels.rotate_quantize import prepare as prepare_rotation
 from .lowrank import lowrank_split
@@ -66,7 +66,8 @@ class QuantLinear(nn.Module):
       wscale:  float32 [N], per output channel
       wgroup:  uint8 [N, K/group_size], integer group scales of 4-bit weights with a group
                size (two-level code), else None
-      perm:    int32 [K] channel permutation S, or None
+      perm:    int32 [K] channel permutation S, or None (one that moves aligned runs of 8
+               channels, as CLQ(perm_run=8)'s do, lets the kernel read x 16 bytes per load)
       channel_scale: float32 [K] diagonal of D, or None
       channel_shift: float32 [K] δ, or None (subtracted in float32 inside the rotate kernel)
       bias:    float32 [N] (b + W·δ − δ·down·up), or None
@@ -127,6 +128,10 @@ class QuantLinear(nn.Module):
             if two_level else None)
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device)
                              if has_perm else None)
+        # kernels.hadamard.find_perm_runs of perm where from_linear or a load set it (never
+        # per call; 8 lets the kernel read x in runs of 8 channels); 1, the plain gather, is
+        # right for any perm
+        self._perm_runs = 1
         self.register_buffer("channel_scale", torch.ones(in_features, device=device)
                              if has_channel_scale else None)
         self.register_buffer("channel_shift", torch.zeros(in_features, device=device)
@@ -207,6 +212,7 @@ class QuantLinear(nn.Module):
             q.wgroup.copy_(group_int)
         if perm is not None:
             q.perm.copy_(perm.to(torch.int32))
+            q._perm_runs = find_perm_runs(q.perm)
         if channel_shift is not None:
             shift = channel_shift.to(torch.float64)
             q.channel_shift.copy_(shift)
@@ -246,7 +252,8 @@ class QuantLinear(nn.Module):
         xq, xs = torch.ops.clq_triton.rotate_quantize(x2, buf["perm"], buf["channel_shift"],
                                                       buf["channel_scale"], cfg.hadamard_block,
                                                       cfg.group_size, cfg.a_bits,
-                                                      float(cfg.a_clip), not int8)
+                                                      float(cfg.a_clip), not int8,
+                                                      self._perm_runs)
         wd = buf.get("weight_dequantized")
         if wd is not None and not use_triton(xq):
             # int8 operands: the activation codes came unpacked (int8), whatever a_bits is
@@ -290,6 +297,8 @@ class QuantLinear(nn.Module):
             check_perm(perm, self.in_features)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if torch.is_tensor(perm):  # the incoming values, checked above
+            self._perm_runs = find_perm_runs(perm)
         if self.qweight_int8 is not None:
             self.use_int8_operands(True)
         if self._buffers.get("weight_dequantized") is not None:
@@ -327,6 +336,7 @@ class QuantLinear(nn.Module):
         if self.lowrank_down is not None:
             self._buffers["lowrank_down"] = self.lowrank_down.index_select(0, idx)
         self._buffers["perm"] = None
+        self._perm_runs = 1
         return perm
 
     def use_int8_operands(self, enabled: bool = True) -> "QuantLinear":

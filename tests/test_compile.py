@@ -160,3 +160,25 @@ def test_rotation_of_float32_values_takes_two_tf32_dots_not_three():
     plain, split, x3 = run_jobs([job(False), job(True), job(True, "tf32x3")])
     assert dict(split.job.constexprs)["PREC"] == "tf32x2"
     assert plain.mma > 0 and split.mma == 2 * plain.mma and x3.mma == 3 * plain.mma
+
+
+@pytest.mark.parametrize("prescaled", [False, True], ids=["plain", "shift+multiplier"])
+def test_permutations_of_runs_of_8_are_read_16_bytes_at_a_time(prescaled):
+    """The activation kernel, bf16, sm_90, with a permutation: the plain gather reads x 2
+    bytes per load (ld.global.b16); told that the permutation moves aligned runs of 8
+    (``perm_runs8``, as ``CLQ(perm_run=8)``'s do), it reads 16 (ld.global.v4) and no single
+    16-bit value at all. The flags are runtime arguments, fixed here so that each PTX holds
+    one path; ``in order`` is the layer without a permutation."""
+    import clq_triton.kernels.rotate_quantize as rq
+
+    def job(has_perm, runs8):
+        c = dict(rq.plan(torch.bfloat16, 64, 64, 4, prescaled)["constexprs"], has_perm=has_perm,
+                 perm_runs8=runs8, has_sh=prescaled, has_cs=prescaled)
+        return Job("rotate_quantize", 90, tuple(sorted(rq.signature(torch.bfloat16, 4).items())),
+                   tuple(sorted(c.items())), 4, 1, "launcher")
+
+    gather, runs, in_order = run_jobs([job(True, False), job(True, True), job(False, False)])
+    assert gather.ok and runs.ok and in_order.ok, (gather.error, runs.error, in_order.error)
+    assert gather.b16_loads > 0, gather.b16_loads
+    assert runs.b16_loads == 0 and runs.v4_loads >= in_order.v4_loads > 0, \
+        (runs.v4_loads, in_order.v4_loads)

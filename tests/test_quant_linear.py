@@ -465,3 +465,37 @@ def test_segment_clips_round_trip_and_are_checked(gen):
     state["_extra_state"] = torch.tensor(list(json.dumps(bad).encode()), dtype=torch.uint8)
     with pytest.raises(ValueError, match="cover 8 output rows"):
         QuantLinear(64, 12, config=cfg).load_state_dict(state)
+
+
+def test_a_permutation_of_runs_reaches_the_kernel_as_such(kernel_device, gen):
+    """QuantLinear finds once, where its perm is set (from_linear, load), whether the perm
+    moves aligned runs of 8 (CLQ's do) and passes that to every launch; a scattered perm, a
+    fresh layer and a layer whose perm was taken away use the plain gather."""
+    from unittest import mock
+
+    import clq_triton
+    import clq_triton.kernels.rotate_quantize as rq
+
+    lin = nn.Linear(256, 64)
+    runs = (torch.randperm(32, generator=gen)[:, None] * 8 + torch.arange(8)).flatten()
+    cfg = QuantConfig(hadamard_block=64)
+    q = QuantLinear.from_linear(lin, cfg, perm=runs).to(kernel_device)
+    scattered = QuantLinear.from_linear(lin, cfg, perm=torch.randperm(256, generator=gen))
+    fresh = QuantLinear(256, 64, config=cfg, has_perm=True)
+    assert (q._perm_runs, scattered._perm_runs, fresh._perm_runs) == (8, 1, 1)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh._perm_runs == 8
+    fresh.load_state_dict(scattered.state_dict())
+    assert fresh._perm_runs == 1
+    seen = []
+    real = rq._launch
+    with mock.patch.object(rq, "_launch", lambda *a: seen.append(a[-1]) or real(*a)):
+        x = torch.randn(3, 256, generator=gen).to(kernel_device)
+        y = q(x)
+        q.take_permuted_input()
+        assert q._perm_runs == 1
+        q(x[:, runs.long()])
+    assert seen == [8, 1]
+    with clq_triton.backend("torch"):
+        torch.testing.assert_close(y, QuantLinear.from_linear(lin, cfg, perm=runs)(x.cpu()).to(
+            y.device), rtol=1e-5, atol=1e-5)

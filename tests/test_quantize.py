@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from clq_triton.kernels._runtime import backend
-from clq_triton.kernels.hadamard import rotate_ref
+from clq_triton.kernels.hadamard import find_perm_runs, rotate_ref
 from clq_triton.kernels.quantize import dequantize_weight_ref, quantize_ref, quantize_weight_ref
 from clq_triton.kernels.rotate_quantize import _tf32_split, rotate_quantize
 from helpers import dequant64, explicit_rotation, unpack64
@@ -384,3 +384,51 @@ def test_torch_backend_forward_reads_nothing_back(gen):
                             check_perm_values=False)
         assert reads == [], reads
         assert torch.isnan(out[1][1]).any() and torch.isfinite(out[1][[0, 2, 3]]).all()
+
+
+# ---------------------------------------------------------------- permutations of runs of 8
+
+
+def test_find_perm_runs(gen):
+    k = 256
+    runs = (torch.randperm(k // 8, generator=gen)[:, None] * 8 + torch.arange(8)).flatten()
+    assert find_perm_runs(runs) == find_perm_runs(runs.int()) == 8
+    assert find_perm_runs(torch.arange(k)) == 8 and find_perm_runs(None) == 1
+    assert find_perm_runs(torch.roll(torch.arange(k), 4)) == 1  # runs of 8, not aligned
+    swapped = runs.clone()
+    swapped[[8, 9]] = swapped[[9, 8]]  # one run out of order
+    assert find_perm_runs(swapped) == 1
+    assert find_perm_runs(torch.arange(12)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block, group, prescaled", [(64, 64, True), (128, None, False),
+                                                     (32, 128, True)])
+def test_rotate_quantize_with_a_permutation_of_runs(kernel_device, dtype, block, group,
+                                                    prescaled, gen):
+    """A permutation that moves aligned runs of 8 (CLQ's): found from its values or told,
+    the kernel's run path gives the reference's codes and scales."""
+    m, k = 37, 512
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    x[5, 17] = 500.0
+    perm = (torch.randperm(k // 8, generator=gen)[:, None] * 8 + torch.arange(8)).flatten()
+    vec = dict(channel_shift=torch.randn(k, generator=gen), channel_scale=torch.rand(
+        k, generator=gen) + 0.5) if prescaled else {}
+    dev = {n: v.to(kernel_device) for n, v in vec.items()}
+    for runs, check in ((None, True), (8, False)):
+        q, s = _poisoned(m, k, group, 4, kernel_device)
+        rotate_quantize(x.to(kernel_device), perm.int().to(kernel_device), block, group, 4,
+                        out=(q, s), check_perm_values=check, perm_runs=runs, **dev)
+        _check_against_ref(x, perm, block, group, 4, 1.0, q, s, vec.get("channel_scale"),
+                           vec.get("channel_shift"))
+
+
+def test_rotate_quantize_refuses_a_wrong_perm_runs(gen):
+    x = torch.randn(4, 128, generator=gen)
+    scattered = torch.randperm(128, generator=gen)
+    with pytest.raises(ValueError, match="runs of 8"):
+        rotate_quantize(x, scattered, 64, None, 4, perm_runs=8)
+    with pytest.raises(ValueError, match="perm_runs"):
+        rotate_quantize(x, None, 64, None, 4, perm_runs=8)
+    with pytest.raises(ValueError, match="perm_runs"):
+        rotate_quantize(x, torch.arange(128), 64, None, 4, perm_runs=4)

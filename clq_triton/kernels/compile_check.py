@@ -44,6 +44,9 @@ _WGMMA_REGISTER_A = re.compile(r"wgmma\.mma_async[^;{]*\{[^}]*\}\s*,\s*\{")
 _PTX_TARGET = re.compile(r"^\s*\.target\s+(sm_\w+)", re.M)
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+# global loads of one 16-bit value (a gather of bf16/fp16), and of 16 bytes at once
+_LD_B16 = re.compile(r"\bld\.global(?:\.\w+)*\.b16\b")
+_LD_V4 = re.compile(r"\bld\.global(?:\.\w+)*\.v4\.")
 _PTX_OP = re.compile(r"^\s*(mul|neg|fma)\.(?:rn\.)?f32\s+(%\w+),\s*([^;]+);", re.M)
 
 
@@ -94,6 +97,8 @@ class Result:
     spill_bytes: int | None = None  # spill stores + loads
     mma: int | None = None  # tensor-core instructions in the PTX
     wgmma_register_a: int | None = None  # wgmma with its A operand in registers (GEMM)
+    b16_loads: int = 0  # global loads of single 16-bit values (gathers of bf16 / fp16)
+    v4_loads: int = 0  # global loads of 16 bytes
 
     def problem(self) -> str:
         """'' when the job passed, else why it did not."""
@@ -196,7 +201,9 @@ def compile_job(job: Job, registers: bool = False) -> Result:
                  self_cancelling_fma=self_cancelling_fmas(k.asm["ptx"]),
                  mma=len(_MMA.findall(k.asm["ptx"])),
                  wgmma_register_a=len(_WGMMA_REGISTER_A.findall(k.asm["ptx"]))
-                 if job.kernel == "gemm" else None)
+                 if job.kernel == "gemm" else None,
+                 b16_loads=len(_LD_B16.findall(k.asm["ptx"])),
+                 v4_loads=len(_LD_V4.findall(k.asm["ptx"])))
     if registers:
         try:
             res.registers, res.spill_bytes = ptxas_report(k.asm["ptx"], job.arch)

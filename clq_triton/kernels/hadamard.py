@@ -68,6 +68,22 @@ def check_perm(perm: torch.Tensor | None, k: int, values: bool = True) -> None:
         raise ValueError("perm is not a permutation of range(K)")
 
 
+PERM_RUN = 8  # channels a run-structured permutation moves together: 16 bytes of bf16
+
+
+def find_perm_runs(perm: torch.Tensor | None) -> int:
+    """8 when ``perm`` (a permutation, see :func:`check_perm`) moves aligned runs of 8
+    channels — perm[8i + j] = perm[8i] + j with perm[8i] a multiple of 8, as
+    :func:`clq_triton.smoothing.outlier_permutation` makes them —, else 1 (also for None).
+    Reads perm back (a device sync)."""
+    if perm is None or perm.numel() % PERM_RUN:
+        return 1
+    runs = perm.reshape(-1, PERM_RUN).long()
+    ok = (runs[:, :1] % PERM_RUN == 0) & (runs == runs[:, :1] + torch.arange(
+        PERM_RUN, device=perm.device))
+    return PERM_RUN if bool(ok.all()) else 1
+
+
 def _block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     """x·H along the last dim; Kronecker-split blocks larger than MAX_KERNEL_BLOCK."""
     k = x.shape[-1]

@@ -64,6 +64,7 @@ from .hadamard import (
     apply_outer_hadamard,
     check_block,
     check_perm,
+    find_perm_runs,
     hadamard_matrix,
     outer_factor,
     rotate_unchecked,
@@ -96,7 +97,7 @@ def _dot_pm1(x, h, PREC: tl.constexpr):
 
 @triton.jit
 def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_norm,
-                    has_perm, has_sh, has_cs, HALF: tl.constexpr, ROT: tl.constexpr,
+                    has_perm, perm_runs8, has_sh, has_cs, HALF: tl.constexpr, ROT: tl.constexpr,
                     PREC: tl.constexpr):
     """(y_lo, y_hi) float32 [BM, HALF]: the rotated low- and high-nibble columns of a tile,
     ((x − shift)·scale)·S·H with the shift and scale indexed by the source column."""
@@ -109,8 +110,16 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
     if has_perm:
         src_lo = tl.load(perm_ptr + lo_cols)
         src_hi = tl.load(perm_ptr + lo_cols + 32)
-        x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0)
-        x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0)
+        if perm_runs8:
+            # the permutation moves aligned runs of 8 channels (smoothing.outlier_permutation):
+            # said so, triton reads each run 16 bytes at a time (ld.global.v4 for bf16)
+            run_lo = tl.max_contiguous(tl.multiple_of(src_lo, 8), 8)
+            run_hi = tl.max_contiguous(tl.multiple_of(src_hi, 8), 8)
+            x_lo = tl.load(base + run_lo[None, :], mask=row_ok[:, None], other=0.0)
+            x_hi = tl.load(base + run_hi[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0)
+            x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0)
     else:
         src_lo = lo_cols
         src_hi = lo_cols + 32
@@ -192,7 +201,7 @@ NO_SPECIALIZE = ("M", "stride_sm", "stride_pm", "n_row_blocks")
 def _rotate_quantize_kernel(
     x_ptr, perm_ptr, sh_ptr, cs_ptr, h_ptr, q_ptr, s_ptr, p_ptr,
     M, span, stride_xm, stride_qm, stride_sm, stride_pm, scale_mult, h_norm, n_row_blocks,
-    has_perm, has_sh, has_cs,
+    has_perm, perm_runs8, has_sh, has_cs,
     BM: tl.constexpr, T: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr,
     TILE_GROUP: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, PHASE: tl.constexpr,
 ):
@@ -219,8 +228,8 @@ def _rotate_quantize_kernel(
         row_ok = rows < M
         if PHASE == 1:
             y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
-                                         stride_xm, col * T, h_norm, has_perm, has_sh, has_cs,
-                                         HALF, ROT, PREC)
+                                         stride_xm, col * T, h_norm, has_perm, perm_runs8, has_sh,
+                                         has_cs, HALF, ROT, PREC)
             t_max, t_bad = _max_finite(y_lo, y_hi, 1)
             tl.store(p_ptr + rows.to(tl.int64) * stride_pm + col,
                      tl.where(t_bad > 0, -1.0, t_max), mask=row_ok)
@@ -240,8 +249,8 @@ def _rotate_quantize_kernel(
                 tl.store(s_ptr + rows.to(tl.int64) * stride_sm + col // tiles, scale,
                          mask=row_ok)
             y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
-                                         stride_xm, col * T, h_norm, has_perm, has_sh, has_cs,
-                                         HALF, ROT, PREC)
+                                         stride_xm, col * T, h_norm, has_perm, perm_runs8, has_sh,
+                                         has_cs, HALF, ROT, PREC)
             _store_codes(q_ptr, rows, row_ok, stride_qm, col * T,
                          _codes(y_lo, inv[:, None], bad[:, None], QMAX),
                          _codes(y_hi, inv[:, None], bad[:, None], QMAX), HALF, BITS)
@@ -250,8 +259,8 @@ def _rotate_quantize_kernel(
             nbad = tl.zeros((BM,), dtype=tl.int32)
             for k0 in range(col * span, col * span + span, T):
                 y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
-                                             stride_xm, k0, h_norm, has_perm, has_sh, has_cs,
-                                             HALF, ROT, PREC)
+                                             stride_xm, k0, h_norm, has_perm, perm_runs8, has_sh,
+                                             has_cs, HALF, ROT, PREC)
                 t_max, t_bad = _max_finite(y_lo, y_hi, 1)
                 amax = tl.maximum(amax, t_max)
                 nbad += t_bad
@@ -259,8 +268,8 @@ def _rotate_quantize_kernel(
             tl.store(s_ptr + rows.to(tl.int64) * stride_sm + col, scale, mask=row_ok)
             for k0 in range(col * span, col * span + span, T):
                 y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
-                                             stride_xm, k0, h_norm, has_perm, has_sh, has_cs,
-                                             HALF, ROT, PREC)
+                                             stride_xm, k0, h_norm, has_perm, perm_runs8, has_sh,
+                                             has_cs, HALF, ROT, PREC)
                 _store_codes(q_ptr, rows, row_ok, stride_qm, k0,
                              _codes(y_lo, inv[:, None], bad[:, None], QMAX),
                              _codes(y_hi, inv[:, None], bad[:, None], QMAX), HALF, BITS)
@@ -269,8 +278,8 @@ def _rotate_quantize_kernel(
             GH: tl.constexpr = TILE_GROUP // 2
             k0 = col * T
             y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
-                                         stride_xm, k0, h_norm, has_perm, has_sh, has_cs, HALF,
-                                         ROT, PREC)
+                                         stride_xm, k0, h_norm, has_perm, perm_runs8, has_sh,
+                                         has_cs, HALF, ROT, PREC)
             g_lo = tl.reshape(y_lo, (BM, NG, GH))
             g_hi = tl.reshape(y_hi, (BM, NG, GH))
             amax, nbad = _max_finite(g_lo, g_hi, 2)
@@ -363,7 +372,8 @@ def signature(dtype: torch.dtype, bits: int) -> dict:
             "q_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32", "p_ptr": "*fp32",
             "M": "i32", "span": "i32", "stride_xm": "i32", "stride_qm": "i32",
             "stride_sm": "i32", "stride_pm": "i32", "scale_mult": "fp32", "h_norm": "fp32",
-            "n_row_blocks": "i32", "has_perm": "u1", "has_sh": "u1", "has_cs": "u1"}
+            "n_row_blocks": "i32", "has_perm": "u1", "perm_runs8": "u1", "has_sh": "u1",
+            "has_cs": "u1"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -411,7 +421,8 @@ def _split_spans(programs: int, device: torch.device) -> bool:
     return programs < (_sm_count(device) if device.type == "cuda" else 2)
 
 
-def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale, packed):
+def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale, packed,
+            perm_runs):
     m, k = x2.shape
     prescaled = channel_shift is not None or channel_scale is not None
     if block is not None and block > MAX_KERNEL_BLOCK:
@@ -445,7 +456,8 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
             channel_scale if channel_scale is not None else s,
             h, qp, s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0), partial.stride(0),
             scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
-            n_row_blocks, perm is not None, channel_shift is not None, channel_scale is not None,
+            n_row_blocks, perm is not None, perm_runs == 8, channel_shift is not None,
+            channel_scale is not None,
             num_warps=p["num_warps"], **cp,
         )
 
@@ -469,7 +481,7 @@ def _shift_and_scale(x, channel_shift, channel_scale):
 
 
 def _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s,
-             packed) -> None:
+             packed, perm_runs=1) -> None:
     """Write the codes and scales of x into q and s (validated inputs): the kernel, or the
     PyTorch reference where the kernel does not run (see kernels._runtime)."""
     if not use_triton(x):
@@ -483,7 +495,7 @@ def _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, cli
             _launch(aligned(x, rows=True),
                     aligned(perm.to(torch.int32)) if perm is not None else None, block,
                     group_size, bits, clip, q, s, aligned(channel_shift),
-                    aligned(channel_scale), packed)
+                    aligned(channel_scale), packed, perm_runs)
 
 
 def _output_shapes(x, group_size, bits, packed):
@@ -494,26 +506,27 @@ def _output_shapes(x, group_size, bits, packed):
 
 
 def _rotate_quantize_op(x, perm, channel_shift, channel_scale, block, group_size, bits, clip,
-                       packed=True):
+                       packed=True, perm_runs=1):
     """The PyTorch operator ``torch.ops.clq_triton.rotate_quantize`` (inputs validated by
     :func:`rotate_quantize`): opaque to torch.compile, capturable in CUDA graphs."""
     q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
     q = torch.empty(q_shape, dtype=q_dtype, device=x.device)
     s = torch.empty(s_shape, dtype=torch.float32, device=x.device)
-    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s, packed)
+    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s, packed,
+             perm_runs)
     return q, s
 
 
 def _rotate_quantize_fake(x, perm, channel_shift, channel_scale, block, group_size, bits, clip,
-                          packed=True):
+                          packed=True, perm_runs=1):
     q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
     return (x.new_empty(q_shape, dtype=q_dtype),
             x.new_empty(s_shape, dtype=torch.float32))
 
 
 define_op("rotate_quantize(Tensor x, Tensor? perm, Tensor? channel_shift, Tensor? channel_scale, "
-          "int? block, int? group_size, int bits, float clip, bool packed=True) "
-          "-> (Tensor, Tensor)", _rotate_quantize_op, _rotate_quantize_fake)
+          "int? block, int? group_size, int bits, float clip, bool packed=True, "
+          "int perm_runs=1) -> (Tensor, Tensor)", _rotate_quantize_op, _rotate_quantize_fake)
 
 
 def rotate_quantize(
@@ -528,6 +541,7 @@ def rotate_quantize(
     check_perm_values: bool = True,
     channel_shift: torch.Tensor | None = None,
     packed: bool = True,
+    perm_runs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the rotated activations (x − δ)·D·S·H per token (per group, or per row when
     ``group_size`` is None).
@@ -543,7 +557,10 @@ def rotate_quantize(
     Without ``out`` this calls the operator ``torch.ops.clq_triton.rotate_quantize``;
     ``out`` = preallocated (q, scales) to write into (eager only). ``check_perm_values=False``
     skips the check that ``perm`` is a permutation (it reads perm back: a device sync); only
-    for a perm validated before, as QuantLinear does.
+    for a perm validated before, as QuantLinear does. ``perm_runs``: 8 when ``perm`` moves
+    aligned runs of 8 channels (:func:`kernels.hadamard.find_perm_runs`; the kernel then reads x 16
+    bytes per load instead of 2), else 1; None = found from perm's values (or 1 without
+    ``check_perm_values``). A given 8 is checked against the values with them.
     """
     check_float("x", x, ndim=2)
     check_bits("bits", bits)
@@ -553,16 +570,24 @@ def rotate_quantize(
     check_k(k, group_size)
     check_block(block, k)
     check_perm(perm, k, values=check_perm_values)
+    if perm_runs is None:
+        perm_runs = find_perm_runs(perm) if check_perm_values else 1
+    elif perm_runs not in (1, 8) or (perm_runs == 8 and perm is None):
+        raise ValueError(f"perm_runs must be 1, or 8 with a perm; got {perm_runs!r}")
+    elif perm_runs == 8 and check_perm_values and find_perm_runs(perm) != 8:
+        raise ValueError("perm_runs=8 but perm does not move aligned runs of 8 channels")
     _check_channel_vector("channel_scale", channel_scale, k)
     _check_channel_vector("channel_shift", channel_shift, k)
     check_same_device(x=x, perm=perm, channel_shift=channel_shift, channel_scale=channel_scale)
     scale_multiplier(bits, clip)  # validates clip
     if out is None:
         return torch.ops.clq_triton.rotate_quantize(x, perm, channel_shift, channel_scale, block,
-                                                    group_size, bits, float(clip), packed)
+                                                    group_size, bits, float(clip), packed,
+                                                    perm_runs)
     q, s = out
     q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
     check_out("out[0]", q, q_shape, q_dtype, x.device)
     check_out("out[1]", s, s_shape, torch.float32, x.device)
-    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s, packed)
+    _compute(x, perm, channel_shift, channel_scale, block, group_size, bits, clip, q, s, packed,
+             perm_runs)
     return q, s
