@@ -61,6 +61,8 @@ VARIANTS = {  # name → method config; "CLQ" is the package's default CLQ()
     "CLQ+low rank": clq_triton.CLQ(lowrank=4),
     "CLQ+GPTQ+low rank": clq_triton.CLQ(gptq=True, lowrank=4),
     "CLQ, fused q/k/v": clq_triton.CLQ(),
+    # OBS dealing aligned runs of 8 channels: 16-byte loads in the activation kernel
+    "CLQ, runs of 8": clq_triton.CLQ(perm_run=8),
 }
 FUSED = {"CLQ, fused q/k/v"}  # patched with fuse_projections=True (one layer for q/k/v)
 BASELINES = ("RTN", "Hadamard", "QuaRot", "SmoothQuant", "QuaRot+GPTQ", "SmoothQuant+GPTQ",
@@ -69,7 +71,8 @@ BASELINES = ("RTN", "Hadamard", "QuaRot", "SmoothQuant", "QuaRot+GPTQ", "SmoothQ
 CLQ_OPTIONS = ("CLQ", "CLQ+GPTQ", "CLQ+low rank", "CLQ+GPTQ+low rank")
 PARTS = {"CBC": "CLQ w/o CBC", "OBS": "CLQ w/o OBS", "CLPS": "CLQ w/o CLPS"}
 SHORT = {"CLQ w/o CBC": "w/o CBC", "CLQ w/o OBS": "w/o OBS", "CLQ w/o CLPS": "w/o CLPS",
-         "CLQ w/o shift+smoothing": "w/o shift+sm.", "CLQ, CLPS at depth": "CLPS at depth"}
+         "CLQ w/o shift+smoothing": "w/o shift+sm.", "CLQ, CLPS at depth": "CLPS at depth",
+         "CLQ, runs of 8": "runs of 8"}
 MODELS = {"toy+outliers": True, "toy": False}  # name → load_tiny_dit(outliers=...)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

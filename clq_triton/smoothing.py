@@ -80,19 +80,26 @@ def abs_max(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return torch.maximum(lo.abs(), hi.abs())
 
 
-def outlier_permutation(score: torch.Tensor, block: int) -> torch.Tensor:
-    """OBS permutation S: channels sorted by outlier score and dealt round-robin over the
-    K // block Hadamard blocks, so every block gets an even share of the outliers.
+def outlier_permutation(score: torch.Tensor, block: int, run: int = 1) -> torch.Tensor:
+    """OBS permutation S: channels — or aligned runs of ``run`` channels, ranked by their
+    highest outlier score — sorted by outlier score and dealt round-robin over the K // block
+    Hadamard blocks, so every block gets an even share of the outliers. With ``run`` = 8 the
+    channels of a run stay together and in order, and the activation kernel reads each run
+    16 bytes at a time (kernels.hadamard.find_perm_runs; CLQ(perm_run=8)). Runs fall back to
+    single channels where K or the block is not a multiple of ``run``.
 
     score: [K] (e.g. max |x| per channel). Returns int32 perm [K] with perm[j] = source channel.
     """
     k = score.numel()
+    if k % run or block % run:
+        run = 1
     n_blocks = k // block
-    order = torch.argsort(score.float(), descending=True, stable=True)
-    rank = torch.arange(k)
-    position = (rank % n_blocks) * block + rank // n_blocks
+    order = torch.argsort(score.float().reshape(-1, run).amax(1), descending=True, stable=True)
+    rank = torch.arange(k // run)
+    start = (rank % n_blocks) * block + (rank // n_blocks) * run
+    lanes = torch.arange(run)
     perm = torch.empty(k, dtype=torch.int64)
-    perm[position] = order
+    perm[(start[:, None] + lanes).flatten()] = (order[:, None] * run + lanes).flatten()
     return perm.to(torch.int32)
 
 

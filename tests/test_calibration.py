@@ -14,7 +14,7 @@ from torch import nn
 import clq_triton
 from clq_triton import CLQ, CalibrationData, QuantConfig, QuantLinear, QuaRot, SmoothQuant
 from clq_triton.blocks import block_inputs, find_blocks, output_tensors, run_model
-from clq_triton.kernels.hadamard import rotate_ref
+from clq_triton.kernels.hadamard import find_perm_runs, rotate_ref
 from clq_triton.smoothing import outlier_permutation
 from diffusers_models import MODELS
 from toy_models import dit_pipeline, planted_dit, sample
@@ -91,14 +91,34 @@ def test_cbc_inputs_differ_from_fp_and_result_no_worse(pipe_and_data):
 # ---------------------------------------------------------------- OBS
 
 
-def test_outlier_permutation_deals_outliers_over_blocks(gen):
+@pytest.mark.parametrize("run", [1, 8])
+def test_outlier_permutation_deals_outliers_over_blocks(gen, run):
+    """Outliers in distinct runs of ``run`` channels land in distinct Hadamard blocks; each
+    run moves whole and in order (16-byte loads in the kernel: find_perm_runs)."""
     score = torch.rand(256, generator=gen)
-    top = torch.randperm(256, generator=gen)[:4]
+    top = torch.randperm(256 // 8, generator=gen)[:4] * 8 + torch.randint(8, (4,), generator=gen)
     score[top] = 100 + torch.arange(4.0)
-    perm = outlier_permutation(score, 64)
+    perm = outlier_permutation(score, 64, run)
     assert torch.equal(torch.sort(perm.long()).values, torch.arange(256))
     blocks_of_top = {int((perm.long() == c).nonzero()) // 64 for c in top}
     assert blocks_of_top == {0, 1, 2, 3}
+    if run == 8:
+        assert find_perm_runs(perm) == 8
+        runs = perm.long().view(-1, 8)
+        assert torch.equal(runs - runs[:, :1], torch.arange(8).expand(32, 8))
+        assert bool((runs[:, 0] % 8 == 0).all())
+        # the runs are ranked by their highest score and dealt round-robin: run r → block r % 4
+        ranked = torch.argsort(score.view(-1, 8).amax(1), descending=True, stable=True)
+        assert torch.equal(runs[:, 0].view(4, 8).T.flatten() // 8, ranked)
+
+
+def test_outlier_permutation_of_single_channels_is_the_plain_deal():
+    """run=1 (and runs that do not divide the block): channel r of the ranking goes to block
+    r % blocks, position r // blocks in it."""
+    score = torch.tensor([5.0, 1.0, 9.0, 3.0, 7.0, 0.0, 2.0, 8.0] * 4)
+    want = torch.argsort(score, descending=True, stable=True).view(-1, 2).T.flatten()
+    assert torch.equal(outlier_permutation(score, 16, run=1).long(), want)
+    assert torch.equal(outlier_permutation(score, 16, run=32).long(), want)
 
 
 def test_obs_rotation_is_exact_in_full_precision(gen):

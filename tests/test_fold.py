@@ -165,3 +165,23 @@ def test_an_unfolded_checkpoint_loads_folded(gen, tmp_path, monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(output(loaded, inputs), output(fp, inputs),
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_clq_with_runs_of_8_gives_layers_that_read_runs(gen):
+    """CLQ(perm_run=8): every layer that keeps a permutation has one of aligned runs of 8 and
+    launches the kernel's run path; the MLPs' still fold."""
+    fp, inputs = MODELS["pixart"](gen)
+    fp.eval()
+    model = copy.deepcopy(fp)
+    with clq_triton.backend("torch"):
+        report = clq_triton.patch(model, "w4a4", CLQ(clps=False, perm_run=8),
+                                  clq_triton.CalibrationData.from_inputs([inputs]),
+                                  progress=False)
+        layers = {n: model.get_submodule(n) for n in report.quantized}
+        assert report.folded and all(layers[n].perm is None for n in report.folded)
+        kept = [q for n, q in layers.items() if n not in report.folded]
+        assert kept and all(q._perm_runs == 8 for q in kept)
+        with torch.no_grad():
+            want = output(fp, inputs)
+            err = float((output(model, inputs) - want).norm() / want.norm())
+        assert err < 0.2, err

@@ -12,7 +12,8 @@ from clq_triton.methods import method_config, method_from_dict
                                     CLQ(shift=True, smooth_alpha=0.3, clps_target="depth",
                                         clps_depth=2), SmoothQuant(alpha=0.8),
                                     SVDQuant(alpha=0.4, rank=8), CLQ(lowrank=4, gptq=True),
-                                    QuaRot(), QuaRot(gptq=True), RTN(), Hadamard()])
+                                    QuaRot(), QuaRot(gptq=True), RTN(), Hadamard(),
+                                    CLQ(perm_run=8)])
 def test_method_config_roundtrips_through_its_dict(method):
     d = method.to_dict()
     assert d["method"] == method.name and d["format"] == 1
@@ -29,6 +30,16 @@ def test_method_from_dict_errors():
         method_from_dict({"method": "clq", "format": 7})
     with pytest.raises(ValueError, match="unknown fields for CLQ: \\['beta'\\]"):
         method_from_dict({"method": "clq", "format": 1, "beta": 2})
+    with pytest.raises(ValueError, match="perm_run"):
+        CLQ(perm_run=4)
+
+
+def test_fields_added_since_read_as_their_defaults():
+    """Saved configs from before ``perm_run`` (or ``gptq``) existed mean the defaults: single
+    channels, round to nearest."""
+    old = method_from_dict({"method": "clq", "format": 1, "clps_target": "depth"})
+    assert old == CLQ(clps_target="depth") and old.perm_run == 1 and not old.gptq
+    assert method_from_dict(CLQ(perm_run=8).to_dict()).perm_run == 8
 
 
 def test_each_method_owns_its_rotation_choice():
