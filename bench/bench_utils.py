@@ -110,23 +110,28 @@ def flux_model(full: bool, device, dtype, blocks: int = 19, batch: int = 2, seed
     return model, inputs
 
 
-def clq_layers(model, config, fold: bool = True, seed: int = 0) -> int:
+def clq_layers(model, config, fold: bool = True, perm_run: int = 1, seed: int = 0) -> int:
     """Quantize ``model``'s eligible Linears (clq_triton.eligible_linears) in place with the
-    layer structure CLQ gives them — a permutation, a channel shift and a multiplier before
-    the block Hadamard, and the MLPs' permutations folded (clq_triton.fold) unless ``fold`` is
+    layer structure CLQ gives them — a permutation (dealt as smoothing.outlier_permutation
+    deals it: single channels, or runs of ``perm_run`` = 8 as with CLQ(perm_run=8)), a
+    channel shift and a multiplier before the block Hadamard, and the MLPs' permutations
+    folded (clq_triton.fold) unless ``fold`` is
     False — from random transforms instead of a calibration run: function-preserving, the
     same kernels' work, for timing at sizes too large to calibrate in a GPU session. Returns
     how many layers it quantized."""
     from clq_triton import Hadamard, QuantLinear, eligible_linears
     from clq_triton.fold import fold_permutations
+    from clq_triton.smoothing import outlier_permutation
     from clq_triton.swap import set_submodule
 
     gen = torch.Generator().manual_seed(seed)
     layers = eligible_linears(model)
     for name, lin in layers:
         k = lin.in_features
+        cfg = Hadamard().layer_config(config, k)
+        perm = outlier_permutation(torch.rand(k, generator=gen), cfg.hadamard_block, perm_run)
         set_submodule(model, name, QuantLinear.from_linear(
-            lin, Hadamard().layer_config(config, k), perm=torch.randperm(k, generator=gen),
+            lin, cfg, perm=perm,
             channel_scale=torch.rand(k, generator=gen) + 0.5,
             channel_shift=torch.randn(k, generator=gen) * 0.01))
     if fold:

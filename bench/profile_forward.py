@@ -8,8 +8,9 @@ transformer, bf16 vs W4A4 vs W8A8, eager and replayed from a CUDA graph.
 Per (model, mode), from random weights (data-free Hadamard quantization, per-channel scales;
 ``w4a4-int8`` = W4A4 with ``use_int8_operands``; ``w4a4-clq`` = CLQ's layer structure
 (random permutation, channel shift and multiplier per layer, ``bench_utils.clq_layers``) with
-the MLPs' permutations folded as ``patch`` folds them, ``-unfolded`` without the fold (every
-layer gathers its input); ``-fused`` = projections fused first,
+the MLPs' permutations folded as ``patch`` folds them, ``-runs`` with permutations of runs of
+8 channels (``CLQ(perm_run=8)``: 16-byte loads), ``-unfolded`` without the fold (every layer
+gathers its input); ``-fused`` = projections fused first,
 ``fuse_projections``, bf16 too): ms per forward eager and replayed from a CUDA
 graph (``torch.cuda.graph``), per block too; GPU time by op family from torch.profiler
 (activation pass, quantized GEMM, bf16 GEMM, attention, other); kernel launches per forward;
@@ -50,8 +51,8 @@ FAMILIES = (
     ("bf16 GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "addmm", "aten::mm",
                    "aten::bmm", "aten::matmul", "aten::linear")),
 )
-MODES = ("bf16", "w4a4", "w8a8", "w4a4-clq", "w4a4-clq-unfolded", "bf16-fused", "w4a4-fused",
-         "w8a8-fused", "w4a4-int8")
+MODES = ("bf16", "w4a4", "w8a8", "w4a4-clq", "w4a4-clq-runs", "w4a4-clq-unfolded", "bf16-fused",
+         "w4a4-fused", "w8a8-fused", "w4a4-int8")
 
 
 def family(name: str) -> str:
@@ -75,7 +76,8 @@ def build(name: str, mode: str, cuda: bool, flux_blocks: int):
         fuse_projections(model)
     config = clq_triton.QuantConfig.from_bits(bits, group_size=None) if bits != "bf16" else None
     if "clq" in flags:
-        clq_layers(model, config, fold="unfolded" not in flags)
+        clq_layers(model, config, fold="unfolded" not in flags,
+                   perm_run=8 if "runs" in flags else 1)
     elif config is not None:
         clq_triton.patch(model, config, progress=False)
         if "int8" in flags:

@@ -5,8 +5,8 @@ PixArt-sized input and the share of packed bytes equal to the PyTorch reference'
 one. Also the dot precision for block 128, and the path of CLQ's layers ("obs": a channel
 shift and multiplier before the rotation, so the dots take float32 values: "tf32x2", the
 shipped split into two tf32 parts, vs triton's tf32x3 and ieee), and the shipped plan with its
-input gathered by a permutation vs read in order (what clq_triton.fold saves an MLP's second
-layer).
+input gathered by a scattered permutation, by one of runs of 8 (CLQ's) and read in order
+(no permutation, or one folded away: clq_triton.fold).
 
     python bench/rotate_probe.py [bf16|fp32]     # on a CUDA machine; one JSON line per setting
     python bench/rotate_probe.py --summary probe.jsonl   # per (block, group): shipped vs best
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clq_triton.kernels import rotate_quantize as rq  # noqa: E402
 from clq_triton.kernels._runtime import backend  # noqa: E402
+from clq_triton.smoothing import outlier_permutation  # noqa: E402
 
 ORIG_PLAN = rq.plan
 ORIG_SPLIT = rq._split_spans
@@ -113,15 +114,22 @@ def main(dtype_name="bf16"):
         print(json.dumps(dict(dtype=dtype_name, copy_ms=do_bench(lambda: y.copy_(xt)),
                               gather_ms=do_bench(lambda: torch.index_select(xt, 1, pt)))),
               flush=True)
-        # the shipped plan with the input gathered by a permutation (CLQ's layers) and in
-        # order (no permutation, or one folded into the producer: clq_triton.fold)
+        # the shipped plan with the input gathered by a scattered permutation (CLQ's layers
+        # before 2026-12-02; checkpoints saved then), by one of runs of 8 (CLQ's now:
+        # smoothing.outlier_permutation) and in order (no permutation, or one folded into
+        # the producer: clq_triton.fold)
+        runs = outlier_permutation(torch.rand(4608, generator=g), 64).to(dev)
         for block, group, obs in itertools.product((64, 128), (None, 64), (False, True)):
             vect = dict(channel_shift=sht, channel_scale=cst) if obs else {}
-            ms = {name: do_bench(lambda p=p: rq.rotate_quantize(
-                xt, p, block, group, 4, check_perm_values=False, **vect))
-                for name, p in (("gather", pt), ("in_order", None))}
+            ms = {name: do_bench(lambda p=p, r=r: rq.rotate_quantize(
+                xt, p, block, group, 4, check_perm_values=False, perm_runs=r, **vect))
+                for name, p, r in (("gather", pt, 1), ("runs", runs, 8), ("in_order", None, 1))}
+            # the run path's loads, on this GPU, against the plain gather of the same perm
+            q8, s8 = rq.rotate_quantize(xt, runs, block, group, 4, perm_runs=8, **vect)
+            q1, s1 = rq.rotate_quantize(xt, runs, block, group, 4, perm_runs=1, **vect)
+            same = bool(torch.equal(q8, q1) and torch.equal(s8.nan_to_num(-1), s1.nan_to_num(-1)))
             print(json.dumps(dict(dtype=dtype_name, hadamard_block=block, group=group, obs=obs,
-                                  permutation_ms=ms)), flush=True)
+                                  permutation_ms=ms, runs_equal_gather=same)), flush=True)
     refs = {}
     for block, group, bm, warps, waves, prec, split, obs in settings(xdt):
         vec = dict(channel_shift=sh, channel_scale=cs) if obs else {}
@@ -185,12 +193,13 @@ def summary(lines) -> list[str]:
                "wrong")
     perm = [json.loads(ln) for ln in lines if '"permutation_ms"' in ln]
     if perm:
-        out += ["", "| dtype | block | group | obs | gathered ms | in order ms | ratio |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["", "| dtype | block | group | obs | scattered ms | runs of 8 ms | in order ms "
+                "| scattered / in order | runs / in order |", "|---" * 9 + "|"]
         for r in perm:
-            g, o = r["permutation_ms"]["gather"], r["permutation_ms"]["in_order"]
+            t = r["permutation_ms"]
+            g, u, o = t["gather"], t["runs"], t["in_order"]
             out.append(f"| {r['dtype']} | {r['hadamard_block']} | {r['group']} | {r['obs']} | "
-                       f"{g:.3f} | {o:.3f} | {g / o:.2f}× |")
+                       f"{g:.3f} | {u:.3f} | {o:.3f} | {g / o:.2f}× | {u / o:.2f}× |")
     return out
 
 

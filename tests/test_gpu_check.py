@@ -75,9 +75,9 @@ def test_rotate_probe_runs_and_summarizes(kernel_device, monkeypatch, capsys):
     assert "| 0.700 | 0.600 | prec=tf32x3 |" in line
     assert table[-1].endswith("1 failed or wrong")
     gathered = json.dumps(dict(dtype="bf16", hadamard_block=64, group=None, obs=True,
-                               permutation_ms={"gather": 0.3, "in_order": 0.1}))
+                               permutation_ms={"gather": 0.3, "runs": 0.15, "in_order": 0.1}))
     table = rotate_probe.summary([json.dumps(r) for r in timed] + [gathered])
-    assert table[-1] == "| bf16 | 64 | None | True | 0.300 | 0.100 | 3.00× |"
+    assert table[-1] == "| bf16 | 64 | None | True | 0.300 | 0.150 | 0.100 | 3.00× | 1.50× |"
     assert sum("failed or wrong" in t for t in table) == 1  # not counted as a setting
 
 
@@ -92,8 +92,8 @@ def test_profile_forward_smoke(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     (js,) = tmp_path.glob("profile-*.json")
     rows = json.loads(js.read_text())["rows"]
-    modes = ("bf16", "w4a4", "w4a4-int8", "w8a8", "w4a4-clq", "w4a4-clq-unfolded", "bf16-fused",
-             "w4a4-fused", "w8a8-fused")
+    modes = ("bf16", "w4a4", "w4a4-int8", "w8a8", "w4a4-clq", "w4a4-clq-runs", "w4a4-clq-unfolded",
+             "bf16-fused", "w4a4-fused", "w8a8-fused")
     assert {(r["model"], r["mode"]) for r in rows} == {
         (m, k) for m in ("pixart", "flux") for k in modes}
     by = {(r["model"], r["mode"]): r for r in rows}
@@ -106,7 +106,8 @@ def test_profile_forward_smoke(tmp_path):
             assert r["quant_calls"] > 0 and r["host_us_per_quant_call"] > 0, r
             assert r["rel_err_vs_bf16"] < (0.01 if r["mode"] == "w8a8" else 0.2), r
             assert r["family_ms"].get("activation pass", 0) > 0, r
-        if r["mode"] == "w4a4-clq":  # the same layers as unfolded and as plain W4A4
+        if r["mode"] == "w4a4-clq":  # the same layers as the other CLQ modes and plain W4A4
             assert r["quant_calls"] == by[r["model"], "w4a4-clq-unfolded"]["quant_calls"] \
+                == by[r["model"], "w4a4-clq-runs"]["quant_calls"] \
                 == by[r["model"], "w4a4"]["quant_calls"], r
     assert (tmp_path / js.name.replace(".json", ".md")).read_text().startswith("# Forward profile")
