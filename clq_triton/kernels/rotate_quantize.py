@@ -145,9 +145,9 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
 
 
 @triton.jit
-def _codes(y, inv, bad, QMAX: tl.constexpr):
-    """Round half away from zero, clamp to ±QMAX; 0 where ``bad``. int32."""
-    mag = tl.minimum(tl.floor(tl.abs(y) * inv + 0.5), QMAX)
+def _codes(y, inv, bad, qmax):
+    """Round half away from zero, clamp to ±qmax; 0 where ``bad``. int32."""
+    mag = tl.minimum(tl.floor(tl.abs(y) * inv + 0.5), qmax)
     c = tl.where(y < 0, -mag, mag)
     return tl.where(bad, 0.0, c).to(tl.int32)
 
@@ -200,10 +200,10 @@ NO_SPECIALIZE = ("M", "stride_sm", "stride_pm", "n_row_blocks")
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _rotate_quantize_kernel(
     x_ptr, perm_ptr, sh_ptr, cs_ptr, h_ptr, q_ptr, s_ptr, p_ptr,
-    M, span, stride_xm, stride_qm, stride_sm, stride_pm, scale_mult, h_norm, n_row_blocks,
+    M, span, stride_xm, stride_qm, stride_sm, stride_pm, scale_mult, h_norm, qmax, n_row_blocks,
     has_perm, perm_runs8, has_sh, has_cs,
     BM: tl.constexpr, T: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr,
-    TILE_GROUP: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, PHASE: tl.constexpr,
+    TILE_GROUP: tl.constexpr, BITS: tl.constexpr, PHASE: tl.constexpr,
 ):
     # Program (i, j) handles row blocks i, i + P, i + 2P, … (P programs along axis 0) and
     # column range j.
@@ -214,8 +214,9 @@ def _rotate_quantize_kernel(
     # PHASE 1 writes tile j's max |y| per row into p (float32 [M, K / T]; −1 where the tile
     # holds NaN/Inf); PHASE 2 reduces the maxima of tile j's span, writes the span's scale
     # (from the span's first tile) and tile j's codes.
-    # BITS: how codes are stored (4: packed, 8: one int8 each); QMAX: their range (7 for 4-bit
-    # codes, also when stored as int8 for int8 tensor-core operands; 127 for 8-bit codes).
+    # BITS: how codes are stored (4: packed, 8: one int8 each); qmax: their range (7 for 4-bit
+    # codes, also when stored as int8 for int8 tensor-core operands; 127 for 8-bit codes), a
+    # runtime value: both int8 formats share one specialization (fewer JIT and check compiles).
     HALF: tl.constexpr = T // 2
     hj = tl.arange(0, HALF)
     if ROT > 0:
@@ -252,8 +253,8 @@ def _rotate_quantize_kernel(
                                          stride_xm, col * T, h_norm, has_perm, perm_runs8, has_sh,
                                          has_cs, HALF, ROT, PREC)
             _store_codes(q_ptr, rows, row_ok, stride_qm, col * T,
-                         _codes(y_lo, inv[:, None], bad[:, None], QMAX),
-                         _codes(y_hi, inv[:, None], bad[:, None], QMAX), HALF, BITS)
+                         _codes(y_lo, inv[:, None], bad[:, None], qmax),
+                         _codes(y_hi, inv[:, None], bad[:, None], qmax), HALF, BITS)
         elif TILE_GROUP == 0:
             amax = tl.zeros((BM,), dtype=tl.float32)
             nbad = tl.zeros((BM,), dtype=tl.int32)
@@ -271,8 +272,8 @@ def _rotate_quantize_kernel(
                                              stride_xm, k0, h_norm, has_perm, perm_runs8, has_sh,
                                              has_cs, HALF, ROT, PREC)
                 _store_codes(q_ptr, rows, row_ok, stride_qm, k0,
-                             _codes(y_lo, inv[:, None], bad[:, None], QMAX),
-                             _codes(y_hi, inv[:, None], bad[:, None], QMAX), HALF, BITS)
+                             _codes(y_lo, inv[:, None], bad[:, None], qmax),
+                             _codes(y_hi, inv[:, None], bad[:, None], qmax), HALF, BITS)
         else:
             NG: tl.constexpr = T // TILE_GROUP
             GH: tl.constexpr = TILE_GROUP // 2
@@ -287,8 +288,8 @@ def _rotate_quantize_kernel(
             sg = col * NG + tl.arange(0, NG)
             tl.store(s_ptr + rows[:, None].to(tl.int64) * stride_sm + sg[None, :], scale,
                      mask=row_ok[:, None])
-            c_lo = _codes(g_lo, inv[:, :, None], bad[:, :, None], QMAX)
-            c_hi = _codes(g_hi, inv[:, :, None], bad[:, :, None], QMAX)
+            c_lo = _codes(g_lo, inv[:, :, None], bad[:, :, None], qmax)
+            c_hi = _codes(g_hi, inv[:, :, None], bad[:, :, None], qmax)
             _store_codes(q_ptr, rows, row_ok, stride_qm, k0, tl.reshape(c_lo, (BM, HALF)),
                          tl.reshape(c_hi, (BM, HALF)), HALF, BITS)
 
@@ -337,7 +338,7 @@ def _plan(dtype, block, group_size, bits, prescaled, phase, packed, interpreter)
     return {
         "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x2",
                            TILE_GROUP=tile_group, BITS=storage_bits(bits, packed),
-                           QMAX=qmax_for(bits), PHASE=phase),
+                           PHASE=phase),
         "num_warps": warps, "dtype": dtype, "block": hb,
         "h_block": hb if rot == 1 else hb // 2,
     }
@@ -372,8 +373,8 @@ def signature(dtype: torch.dtype, bits: int) -> dict:
             "q_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32", "p_ptr": "*fp32",
             "M": "i32", "span": "i32", "stride_xm": "i32", "stride_qm": "i32",
             "stride_sm": "i32", "stride_pm": "i32", "scale_mult": "fp32", "h_norm": "fp32",
-            "n_row_blocks": "i32", "has_perm": "u1", "perm_runs8": "u1", "has_sh": "u1",
-            "has_cs": "u1"}
+            "qmax": "fp32", "n_row_blocks": "i32", "has_perm": "u1", "perm_runs8": "u1",
+            "has_sh": "u1", "has_cs": "u1"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -456,8 +457,8 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
             channel_scale if channel_scale is not None else s,
             h, qp, s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0), partial.stride(0),
             scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
-            n_row_blocks, perm is not None, perm_runs == 8, channel_shift is not None,
-            channel_scale is not None,
+            float(qmax_for(bits)), n_row_blocks, perm is not None, perm_runs == 8,
+            channel_shift is not None, channel_scale is not None,
             num_warps=p["num_warps"], **cp,
         )
 
