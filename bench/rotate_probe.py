@@ -5,7 +5,7 @@ PixArt-sized input and the share of packed bytes equal to the PyTorch reference'
 one. Also the dot precision for block 128, and the path of CLQ's layers ("obs": a channel
 shift and multiplier before the rotation, so the dots take float32 values: "tf32x2", the
 shipped split into two tf32 parts, vs triton's tf32x3 and ieee), and the shipped plan with its
-input gathered by a scattered permutation, by one of runs of 8 (CLQ's) and read in order
+input gathered by a scattered permutation, by one of runs of 8 (CLQ(perm_run=8)'s) and read in order
 (no permutation, or one folded away: clq_triton.fold).
 
     python bench/rotate_probe.py [bf16|fp32]     # on a CUDA machine; one JSON line per setting
@@ -114,11 +114,10 @@ def main(dtype_name="bf16"):
         print(json.dumps(dict(dtype=dtype_name, copy_ms=do_bench(lambda: y.copy_(xt)),
                               gather_ms=do_bench(lambda: torch.index_select(xt, 1, pt)))),
               flush=True)
-        # the shipped plan with the input gathered by a scattered permutation (CLQ's layers
-        # before 2026-12-02; checkpoints saved then), by one of runs of 8 (CLQ's now:
-        # smoothing.outlier_permutation) and in order (no permutation, or one folded into
-        # the producer: clq_triton.fold)
-        runs = outlier_permutation(torch.rand(4608, generator=g), 64).to(dev)
+        # the shipped plan with the input gathered by a scattered permutation (CLQ's
+        # default), by one of runs of 8 (CLQ(perm_run=8)'s: smoothing.outlier_permutation)
+        # and in order (no permutation, or one folded into the producer: clq_triton.fold)
+        runs = outlier_permutation(torch.rand(4608, generator=g), 64, run=8).to(dev)
         for block, group, obs in itertools.product((64, 128), (None, 64), (False, True)):
             vect = dict(channel_shift=sht, channel_scale=cst) if obs else {}
             ms = {name: do_bench(lambda p=p, r=r: rq.rotate_quantize(

@@ -469,8 +469,9 @@ def test_segment_clips_round_trip_and_are_checked(gen):
 
 def test_a_permutation_of_runs_reaches_the_kernel_as_such(kernel_device, gen):
     """QuantLinear finds once, where its perm is set (from_linear, load), whether the perm
-    moves aligned runs of 8 (CLQ's do) and passes that to every launch; a scattered perm, a
-    fresh layer and a layer whose perm was taken away use the plain gather."""
+    moves aligned runs of 8 (CLQ(perm_run=8)'s do) and passes that to every launch; a
+    scattered perm, a fresh layer and a layer whose perm was taken away use the plain
+    gather."""
     from unittest import mock
 
     import clq_triton

@@ -406,8 +406,8 @@ def test_find_perm_runs(gen):
                                                      (32, 128, True)])
 def test_rotate_quantize_with_a_permutation_of_runs(kernel_device, dtype, block, group,
                                                     prescaled, gen):
-    """A permutation that moves aligned runs of 8 (CLQ's): found from its values or told,
-    the kernel's run path gives the reference's codes and scales."""
+    """A permutation that moves aligned runs of 8 (CLQ(perm_run=8)'s): found from its values
+    or told, the kernel's run path gives the reference's codes and scales."""
     m, k = 37, 512
     x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
     x[5, 17] = 500.0

@@ -61,6 +61,7 @@ from .formats import (
 )
 from .hadamard import (
     MAX_KERNEL_BLOCK,
+    PERM_RUN,
     apply_outer_hadamard,
     check_block,
     check_perm,
@@ -457,7 +458,7 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
             channel_scale if channel_scale is not None else s,
             h, qp, s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0), partial.stride(0),
             scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
-            float(qmax_for(bits)), n_row_blocks, perm is not None, perm_runs == 8,
+            float(qmax_for(bits)), n_row_blocks, perm is not None, perm_runs == PERM_RUN,
             channel_shift is not None, channel_scale is not None,
             num_warps=p["num_warps"], **cp,
         )
@@ -573,10 +574,11 @@ def rotate_quantize(
     check_perm(perm, k, values=check_perm_values)
     if perm_runs is None:
         perm_runs = find_perm_runs(perm) if check_perm_values else 1
-    elif perm_runs not in (1, 8) or (perm_runs == 8 and perm is None):
-        raise ValueError(f"perm_runs must be 1, or 8 with a perm; got {perm_runs!r}")
-    elif perm_runs == 8 and check_perm_values and find_perm_runs(perm) != 8:
-        raise ValueError("perm_runs=8 but perm does not move aligned runs of 8 channels")
+    elif perm_runs not in (1, PERM_RUN) or (perm_runs == PERM_RUN and perm is None):
+        raise ValueError(f"perm_runs must be 1, or {PERM_RUN} with a perm; got {perm_runs!r}")
+    elif perm_runs == PERM_RUN and check_perm_values and find_perm_runs(perm) != PERM_RUN:
+        raise ValueError(f"perm_runs={PERM_RUN} but perm does not move aligned runs of "
+                         f"{PERM_RUN} channels")
     _check_channel_vector("channel_scale", channel_scale, k)
     _check_channel_vector("channel_shift", channel_shift, k)
     check_same_device(x=x, perm=perm, channel_shift=channel_shift, channel_scale=channel_scale)
