@@ -419,9 +419,9 @@ def main(argv=None):
 
     steps = dict(correctness=correctness, gemm=gemm, rotate=rotate, linear=linear, pixart=pixart,
                  calibration=calibration)
-    for name in sections:
+    for name in sections:  # the files after each section: a session's time limit may stop it
         steps[name]()
-    write(args.out, info)
+        write(args.out, info)
 
 
 def write(out_dir, info):

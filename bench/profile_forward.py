@@ -278,6 +278,7 @@ def main(argv=None) -> int:
                            tb=traceback.format_exc()[-1500:])
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(args.out, info, rows)  # after each row: a session's time limit may stop it
             if cuda:
                 torch.cuda.empty_cache()
     stem = write(args.out, info, rows)
