@@ -5,7 +5,7 @@ against the code as written: pip extras exist, ``pytest`` invocations collect te
 options, ``clq-triton`` lines parse with the real argument parser, scripts exist and accept
 every ``--flag`` they are given. The expensive ones also run elsewhere: ``pytest`` is CI's
 command, ``clq-triton quickstart`` runs in tests/test_examples.py, ``bench/gpu_session.sh``
-in tests/test_gpu_check.py (SMOKE=1).
+in tests/test_gpu_session.py (with a stub interpreter).
 """
 
 import functools
