@@ -96,7 +96,7 @@ MIN_PROFILE=${MIN_PROFILE:-120} MIN_CHECK=${MIN_CHECK:-90}
 AT=${AUTOTUNE:+--autotune}
 # Test files that put something on a device (the rest run on the CPU alone: CI covers them).
 GPU_TESTS=$(grep -l -E 'kernel_device|cuda|[^_]device\b' tests/test_*.py \
-  | grep -v -E 'test_(compile|gpu_check|docs|examples)\.py')
+  | grep -v -E 'test_(compile|gpu_check|gpu_session|docs|examples)\.py')
 
 # warm_jobs KIND: one line of arguments per warm-up process (their timings are thrown away)
 warm_jobs() {
