@@ -124,3 +124,21 @@ def test_rotate_uses_exact_dots_for_shifted_or_scaled_inputs(kernel_device, monk
     for _, kwargs in rec.calls:  # and the compile tests compile both precisions
         assert tuple(sorted((k, v) for k, v in kwargs.items()
                             if k not in ("BM", "num_warps"))) in specs
+
+
+def test_layers_without_a_rotation_share_one_precision(kernel_device, monkeypatch, gen):
+    """PREC only chooses how the Hadamard dots run: without a rotation (block None) every
+    input (fp32, or shifted and scaled) takes the same specialization, so neither a GPU nor
+    the compile checks compile a second copy of the same kernel."""
+    import clq_triton.kernels.rotate_quantize as rq
+
+    rec = _Recorder(rq._rotate_quantize_kernel)
+    monkeypatch.setattr(rq, "_rotate_quantize_kernel", rec)
+    vec = (torch.rand(128, generator=gen) + 0.5).to(kernel_device)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(3, 128, generator=gen).to(dtype).to(kernel_device)
+        for shift in (None, vec):
+            rq.rotate_quantize(x, None, None, 64, 4, channel_shift=shift)
+            assert rec.calls[-1][1]["ROT"] == 0 and rec.calls[-1][1]["PREC"] == "tf32"
+    assert {p["constexprs"]["PREC"] for p in rq.kernel_specs()
+            if p["constexprs"]["ROT"] == 0} == {"tf32"}

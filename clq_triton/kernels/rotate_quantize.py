@@ -321,10 +321,11 @@ def _plan(dtype, block, group_size, bits, prescaled, phase, packed, interpreter)
         dtype = torch.float32
         block = MAX_KERNEL_BLOCK
         prescaled = False  # done by the launcher
-    exact_tf32 = dtype != torch.float32 and not prescaled
     hb = block or 0
     t = max(hb, 64)  # the rotation's tile: as small as the block allows (fewer dot flops)
     rot = 0 if hb == 0 else (1 if hb <= 32 else 2)
+    # without a rotation there is no dot: one PREC (one specialization) for every input
+    exact_tf32 = rot == 0 or (dtype != torch.float32 and not prescaled)
     tile_group = group_size if group_size is not None and group_size <= t else 0
     if phase and tile_group:
         raise ValueError("phases 1 and 2 are for scale spans wider than the tile")
