@@ -167,18 +167,25 @@ def test_permutations_of_runs_of_8_are_read_16_bytes_at_a_time(prescaled):
     """The activation kernel, bf16, sm_90, with a permutation: the plain gather reads x 2
     bytes per load (ld.global.b16); told that the permutation moves aligned runs of 8
     (``perm_runs8``, as ``CLQ(perm_run=8)``'s do), it reads 16 (ld.global.v4) and no single
-    16-bit value at all. The flags are runtime arguments, fixed here so that each PTX holds
-    one path; ``in order`` is the layer without a permutation."""
+    16-bit value at all. The runs share their path with the layer without a permutation
+    (``has_perm`` a runtime flag there, as the launcher passes it; fixed, the masked load of
+    the permutation folds and its hints are lost). Flags fixed here hold one path per PTX;
+    the launcher's own specialization, every flag a runtime value, holds both, and its only
+    2-byte loads are the gather's."""
     import clq_triton.kernels.rotate_quantize as rq
 
-    def job(has_perm, runs8):
-        c = dict(rq.plan(torch.bfloat16, 64, 64, 4, prescaled)["constexprs"], has_perm=has_perm,
-                 perm_runs8=runs8, has_sh=prescaled, has_cs=prescaled)
+    def job(**flags):
+        c = dict(rq.plan(torch.bfloat16, 64, 64, 4, prescaled)["constexprs"], **flags)
         return Job("rotate_quantize", 90, tuple(sorted(rq.signature(torch.bfloat16, 4).items())),
                    tuple(sorted(c.items())), 4, 1, "launcher")
 
-    gather, runs, in_order = run_jobs([job(True, False), job(True, True), job(False, False)])
-    assert gather.ok and runs.ok and in_order.ok, (gather.error, runs.error, in_order.error)
+    fixed = dict(has_sh=prescaled, has_cs=prescaled)
+    gather, runs, in_order, launched = run_jobs([
+        job(has_perm=True, perm_runs8=False, **fixed), job(perm_runs8=True, **fixed),
+        job(has_perm=False, perm_runs8=False, **fixed), job()])
+    for r in (gather, runs, in_order, launched):
+        assert r.ok, r.error
     assert gather.b16_loads > 0, gather.b16_loads
     assert runs.b16_loads == 0 and runs.v4_loads >= in_order.v4_loads > 0, \
         (runs.v4_loads, in_order.v4_loads)
+    assert launched.b16_loads == gather.b16_loads and launched.v4_loads > 0

@@ -105,27 +105,28 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
     j = tl.arange(0, HALF)
     lo_cols = k0 + (j // 32) * 64 + (j % 32)
     base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-    # each branch loads x itself: through an index merged from both, every load was a 2-byte
-    # gather (sm_90 PTX: ld.global.b16), with or without a permutation; without one the
-    # columns are runs of 32 that triton 3.9 reads 16 bytes per load (ld.global.v4)
-    if has_perm:
+    # two load paths, each reading x itself: through one index merged from all three
+    # layouts, every load was a 2-byte gather (sm_90 PTX: ld.global.b16); with a third path
+    # for the identity, each specialization took about 1.5x as long to compile (sm_80, 116
+    # specializations: 226 -> 145 s of compiling on a CPU, 2026-12-03)
+    if has_perm and not perm_runs8:  # any permutation: a gather of single values
         src_lo = tl.load(perm_ptr + lo_cols)
         src_hi = tl.load(perm_ptr + lo_cols + 32)
-        if perm_runs8:
-            # the permutation moves aligned runs of 8 channels (smoothing.outlier_permutation):
-            # said so, triton reads each run 16 bytes at a time (ld.global.v4 for bf16)
-            run_lo = tl.max_contiguous(tl.multiple_of(src_lo, 8), 8)
-            run_hi = tl.max_contiguous(tl.multiple_of(src_hi, 8), 8)
-            x_lo = tl.load(base + run_lo[None, :], mask=row_ok[:, None], other=0.0)
-            x_hi = tl.load(base + run_hi[None, :], mask=row_ok[:, None], other=0.0)
-        else:
-            x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0)
-            x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0)
+        x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0)
+        x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0)
     else:
-        src_lo = lo_cols
-        src_hi = lo_cols + 32
-        x_lo = tl.load(base + lo_cols[None, :], mask=row_ok[:, None], other=0.0)
-        x_hi = tl.load(base + (lo_cols + 32)[None, :], mask=row_ok[:, None], other=0.0)
+        # aligned runs of 8 channels: a permutation of runs (smoothing.outlier_permutation,
+        # said so by perm_runs8) or none (the tile's own columns, runs of 32). Said so (on
+        # the loaded values: a hint on the select is lost where the select folds), triton
+        # reads each run 16 bytes at a time (ld.global.v4 for bf16)
+        runs_lo = tl.load(perm_ptr + lo_cols, mask=has_perm, other=0)
+        runs_hi = tl.load(perm_ptr + lo_cols + 32, mask=has_perm, other=0)
+        runs_lo = tl.max_contiguous(tl.multiple_of(runs_lo, 8), 8)
+        runs_hi = tl.max_contiguous(tl.multiple_of(runs_hi, 8), 8)
+        src_lo = tl.where(has_perm, runs_lo, lo_cols)
+        src_hi = tl.where(has_perm, runs_hi, lo_cols + 32)
+        x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0)
+        x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0)
     x_lo = x_lo.to(tl.float32)
     x_hi = x_hi.to(tl.float32)
     if has_sh:
