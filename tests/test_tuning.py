@@ -1,6 +1,7 @@
 """The GEMM's opt-in autotuner cache (no GPU needed: the benchmark is a stand-in)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -165,3 +166,24 @@ def test_an_unwritable_cache_is_a_warning_not_an_error(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not save the tuned GEMM config"):
         assert tuning.tuned_config(path, "k", [cfg], lambda c: 1.0) == cfg
     assert tuning.tuned_config(path, "k", [cfg], lambda c: 1 / 0) == cfg  # kept in memory
+
+
+def test_blackwell_is_compile_checked_from_triton_3_9_and_warns_below(monkeypatch):
+    """sm_100 is compile-checked under triton 3.9 only (3.6 lowers its int8 dots to mma.sync):
+    the oldest triton's CI run leaves it out, and a B200 / B300 under an older triton is told
+    once per arch, at its first GEMM; the other archs are checked under both."""
+    assert tuning.checked_archs((3, 9)) == tuning.ARCHS
+    assert tuning.checked_archs((3, 6)) == tuple(a for a in tuning.ARCHS if a != 100)
+    assert tuning.unchecked_reason(100, (3, 6)) and tuning.unchecked_reason(103, (3, 6))
+    assert "triton >= 3.9" in tuning.unchecked_reason(100, (3, 6))
+    assert not any(tuning.unchecked_reason(a, (3, 6)) for a in (80, 89, 90, 120, 121))
+    assert not tuning.unchecked_reason(100, (3, 9))
+    tuning.warn_if_unchecked.cache_clear()
+    monkeypatch.setattr(tuning, "_triton_version", lambda: (3, 6))
+    with pytest.warns(UserWarning, match="sm_100 under triton >= 3.9"):
+        tuning.warn_if_unchecked(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuning.warn_if_unchecked(100)  # once per arch
+        tuning.warn_if_unchecked(90)
+    tuning.warn_if_unchecked.cache_clear()

@@ -222,10 +222,11 @@ FP16_ARCH = 90
 def all_jobs(archs=None) -> list[Job]:
     """GEMM: every launcher specialization with the shipped table's configs on each arch, and
     every autotune candidate on sm_90 (bf16 out). Rotate+quantize: every launcher
-    specialization on each arch. fp16 variants on sm_90 only (:data:`FP16_ARCH`)."""
+    specialization on each arch. fp16 variants on sm_90 only (:data:`FP16_ARCH`). ``archs``
+    by default: those checked under the installed triton (:func:`tuning.checked_archs`)."""
     from . import gemm, rotate_quantize, tuning
 
-    archs = archs or tuning.ARCHS
+    archs = archs or tuning.checked_archs()
     jobs = []
 
     def add(kernel, arch, sig, cons, warps, stages, what):
@@ -277,7 +278,7 @@ def run_jobs(jobs: list[Job], processes: int | None = None, progress=None,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, action="append",
-                    help="80, 89, 90, 100 or 120 (default: all)")
+                    help="80, 89, 90, 100 or 120 (default: each checked under this triton)")
     ap.add_argument("--jobs", type=int, default=None, help="parallel processes")
     ap.add_argument("--kernel", choices=("gemm", "rotate_quantize"))
     ap.add_argument("--registers", action="store_true",

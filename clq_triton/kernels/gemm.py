@@ -234,6 +234,7 @@ def _config(xq, m, n, k, a_bits, w_bits, group_size, launch) -> tuning.GemmConfi
         return tuning.INTERPRETER_CONFIG.fitted(k, group_size, a_bits, w_bits)
     dev = xq.device
     arch = tuning.device_arch(dev)
+    tuning.warn_if_unchecked(arch)
     if not tuning.autotune_enabled():
         return tuning.fitted_table_config(arch, m, k, group_size, a_bits, w_bits)
     key = tuning.autotune_key(arch, w_bits, a_bits, group_size, m, n, k)
