@@ -33,10 +33,10 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100:
                 103: 232448, 120: 101376, 121: 101376}
 # What the compile tests cover: A100, L40/4090, H100/H200, B200, RTX 50-series.
 ARCHS = (80, 89, 90, 100, 120)
-# The oldest triton compile-checked for an arch, where newer than the oldest supported (3.6):
-# triton 3.6 lowers sm_100's int8 dots to mma.sync, not tcgen05 (the compile check's finding),
-# so a B200 wants triton 3.9, and CI compiles sm_100 under the newest triton only.
-CHECKED_FROM = {100: (3, 9)}
+# The oldest triton compile-checked for an arch, where newer than the oldest supported (3.6),
+# and what the older ones do there (the compile check's finding): a B200 wants triton 3.9, and
+# CI compiles sm_100 under the newest triton only.
+CHECKED_FROM = {100: ((3, 9), "lowers its int8 dots to mma.sync, not tcgen05")}
 
 
 def _triton_version() -> tuple[int, int]:
@@ -49,19 +49,19 @@ def checked_archs(version: tuple[int, int] | None = None) -> tuple[int, ...]:
     """The archs of :data:`ARCHS` compile-checked under triton ``version`` (major, minor;
     default: the installed one)."""
     version = version or _triton_version()
-    return tuple(a for a in ARCHS if version >= CHECKED_FROM.get(a, (0, 0)))
+    return tuple(a for a in ARCHS if not unchecked_reason(a, version))
 
 
 def unchecked_reason(arch: int, version: tuple[int, int]) -> str:
     """Why triton ``version`` is not compile-checked for a GPU of compute capability ``arch``
     (e.g. 103 for a B300: sm_100's family), or '' when it is."""
     family = arch // 10 * 10
-    need = CHECKED_FROM.get(family)
-    if need is None or version >= need:
+    need, older = CHECKED_FROM.get(family, ((0, 0), ""))
+    if version >= need:
         return ""
     return (f"clq-triton's kernels are compile-checked for sm_{family} under triton "
-            f">= {need[0]}.{need[1]}, and this is triton {version[0]}.{version[1]} (which lowers "
-            "the int8 dots of sm_100 to mma.sync, not tcgen05): upgrade triton for this GPU")
+            f">= {need[0]}.{need[1]}, and this is triton {version[0]}.{version[1]} (which "
+            f"{older}): upgrade triton for this GPU")
 
 
 @functools.lru_cache(maxsize=None)
