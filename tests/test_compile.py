@@ -153,10 +153,10 @@ def test_rotation_of_float32_values_takes_two_tf32_dots_not_three():
     import clq_triton.kernels.rotate_quantize as rq
 
     def job(prescaled, prec=None):
-        c = dict(rq.plan(torch.bfloat16, 128, 64, 4, prescaled)["constexprs"], BM=32)
+        c = dict(rq.plan(torch.bfloat16, 128, 64, prescaled)["constexprs"], BM=32)
         if prec:
             c["PREC"] = prec
-        return Job("rotate_quantize", 90, tuple(sorted(rq.signature(torch.bfloat16, 4).items())),
+        return Job("rotate_quantize", 90, tuple(sorted(rq.signature(torch.bfloat16).items())),
                    tuple(sorted(c.items())), 4, 1, "launcher")
 
     plain, split, x3 = run_jobs([job(False), job(True), job(True, "tf32x3")])
@@ -177,8 +177,8 @@ def test_permutations_of_runs_of_8_are_read_16_bytes_at_a_time(prescaled):
     import clq_triton.kernels.rotate_quantize as rq
 
     def job(**flags):
-        c = dict(rq.plan(torch.bfloat16, 64, 64, 4, prescaled)["constexprs"], **flags)
-        return Job("rotate_quantize", 90, tuple(sorted(rq.signature(torch.bfloat16, 4).items())),
+        c = dict(rq.plan(torch.bfloat16, 64, 64, prescaled)["constexprs"], **flags)
+        return Job("rotate_quantize", 90, tuple(sorted(rq.signature(torch.bfloat16).items())),
                    tuple(sorted(c.items())), 4, 1, "launcher")
 
     fixed = dict(has_sh=prescaled, has_cs=prescaled)

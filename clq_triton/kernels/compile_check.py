@@ -240,7 +240,7 @@ def all_jobs(archs=None) -> list[Job]:
             add("gemm", arch, sig, cons, warps, stages, "table")
         for p in rotate_quantize.kernel_specs():
             c = p["constexprs"]
-            add("rotate_quantize", arch, rotate_quantize.signature(p["dtype"], c["BITS"]), c,
+            add("rotate_quantize", arch, rotate_quantize.signature(p["dtype"]), c,
                 p["num_warps"], 1, "launcher")
     if 90 in archs:
         table = set(tuning.table_configs(90))

@@ -155,18 +155,19 @@ def _codes(y, inv, bad, qmax):
 
 
 @triton.jit
-def _store_codes(q_ptr, rows, row_ok, stride_qm, k0, c_lo, c_hi,
-                 HALF: tl.constexpr, BITS: tl.constexpr):
-    """4 bits: byte k0/2 + j = c_lo | c_hi << 4. 8 bits: int8 at the natural columns."""
+def _store_codes(q_ptr, rows, row_ok, stride_qm, k0, c_lo, c_hi, packed, HALF: tl.constexpr):
+    """``packed`` (4-bit codes): byte k0/2 + j = c_lo | c_hi << 4. Else one int8 code per
+    column, at the natural columns: its two's-complement byte (q is a uint8 view)."""
     j = tl.arange(0, HALF)
     base = q_ptr + rows[:, None].to(tl.int64) * stride_qm
-    if BITS == 4:
-        packed = ((c_lo & 15) | ((c_hi & 15) << 4)).to(tl.uint8)
-        tl.store(base + (k0 // 2 + j)[None, :], packed, mask=row_ok[:, None])
+    if packed:
+        byte = ((c_lo & 15) | ((c_hi & 15) << 4)).to(tl.uint8)
+        tl.store(base + (k0 // 2 + j)[None, :], byte, mask=row_ok[:, None])
     else:
         lo_cols = k0 + (j // 32) * 64 + (j % 32)
-        tl.store(base + lo_cols[None, :], c_lo.to(tl.int8), mask=row_ok[:, None])
-        tl.store(base + (lo_cols + 32)[None, :], c_hi.to(tl.int8), mask=row_ok[:, None])
+        tl.store(base + lo_cols[None, :], (c_lo & 255).to(tl.uint8), mask=row_ok[:, None])
+        tl.store(base + (lo_cols + 32)[None, :], (c_hi & 255).to(tl.uint8),
+                 mask=row_ok[:, None])
 
 
 @triton.jit
@@ -203,9 +204,9 @@ NO_SPECIALIZE = ("M", "stride_sm", "stride_pm", "n_row_blocks")
 def _rotate_quantize_kernel(
     x_ptr, perm_ptr, sh_ptr, cs_ptr, h_ptr, q_ptr, s_ptr, p_ptr,
     M, span, stride_xm, stride_qm, stride_sm, stride_pm, scale_mult, h_norm, qmax, n_row_blocks,
-    has_perm, perm_runs8, has_sh, has_cs,
+    has_perm, perm_runs8, has_sh, has_cs, packed,
     BM: tl.constexpr, T: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr,
-    TILE_GROUP: tl.constexpr, BITS: tl.constexpr, PHASE: tl.constexpr,
+    TILE_GROUP: tl.constexpr, PHASE: tl.constexpr,
 ):
     # Program (i, j) handles row blocks i, i + P, i + 2P, … (P programs along axis 0) and
     # column range j.
@@ -216,9 +217,10 @@ def _rotate_quantize_kernel(
     # PHASE 1 writes tile j's max |y| per row into p (float32 [M, K / T]; −1 where the tile
     # holds NaN/Inf); PHASE 2 reduces the maxima of tile j's span, writes the span's scale
     # (from the span's first tile) and tile j's codes.
-    # BITS: how codes are stored (4: packed, 8: one int8 each); qmax: their range (7 for 4-bit
-    # codes, also when stored as int8 for int8 tensor-core operands; 127 for 8-bit codes), a
-    # runtime value: both int8 formats share one specialization (fewer JIT and check compiles).
+    # packed: how codes are stored (4-bit codes two per byte, else one int8 each, through a
+    # uint8 view); qmax: their range (7 for 4-bit codes, also when stored as int8 for int8
+    # tensor-core operands; 127 for 8-bit codes). Both runtime values: every code format
+    # shares one specialization (fewer JIT and compile-check compiles).
     HALF: tl.constexpr = T // 2
     hj = tl.arange(0, HALF)
     if ROT > 0:
@@ -256,7 +258,7 @@ def _rotate_quantize_kernel(
                                          has_cs, HALF, ROT, PREC)
             _store_codes(q_ptr, rows, row_ok, stride_qm, col * T,
                          _codes(y_lo, inv[:, None], bad[:, None], qmax),
-                         _codes(y_hi, inv[:, None], bad[:, None], qmax), HALF, BITS)
+                         _codes(y_hi, inv[:, None], bad[:, None], qmax), packed, HALF)
         elif TILE_GROUP == 0:
             amax = tl.zeros((BM,), dtype=tl.float32)
             nbad = tl.zeros((BM,), dtype=tl.int32)
@@ -275,7 +277,7 @@ def _rotate_quantize_kernel(
                                              has_cs, HALF, ROT, PREC)
                 _store_codes(q_ptr, rows, row_ok, stride_qm, k0,
                              _codes(y_lo, inv[:, None], bad[:, None], qmax),
-                             _codes(y_hi, inv[:, None], bad[:, None], qmax), HALF, BITS)
+                             _codes(y_hi, inv[:, None], bad[:, None], qmax), packed, HALF)
         else:
             NG: tl.constexpr = T // TILE_GROUP
             GH: tl.constexpr = TILE_GROUP // 2
@@ -293,7 +295,7 @@ def _rotate_quantize_kernel(
             c_lo = _codes(g_lo, inv[:, :, None], bad[:, :, None], qmax)
             c_hi = _codes(g_hi, inv[:, :, None], bad[:, :, None], qmax)
             _store_codes(q_ptr, rows, row_ok, stride_qm, k0, tl.reshape(c_lo, (BM, HALF)),
-                         tl.reshape(c_hi, (BM, HALF)), HALF, BITS)
+                         tl.reshape(c_hi, (BM, HALF)), packed, HALF)
 
 
 # ------------------------------------------------------------------------------- launcher
@@ -301,19 +303,19 @@ def _rotate_quantize_kernel(
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def plan(dtype: torch.dtype, block: int | None, group_size: int | None, bits: int,
-         prescaled: bool = False, phase: int = 0, packed: bool = True) -> dict:
+def plan(dtype: torch.dtype, block: int | None, group_size: int | None,
+         prescaled: bool = False, phase: int = 0) -> dict:
     """The kernel's compile-time arguments and launch settings for one call (:func:`_plan`;
-    cached: one dict per setting, shared by every call — copy it to change it)."""
-    return _plan(dtype, block, group_size, bits, prescaled, phase, packed, interpreter_on())
+    cached: one dict per setting, shared by every call — copy it to change it). The code
+    format (bits, packing) is a runtime argument: one plan for all."""
+    return _plan(dtype, block, group_size, prescaled, phase, interpreter_on())
 
 
 @functools.lru_cache(maxsize=None)
-def _plan(dtype, block, group_size, bits, prescaled, phase, packed, interpreter) -> dict:
+def _plan(dtype, block, group_size, prescaled, phase, interpreter) -> dict:
     """The kernel's compile-time arguments and launch settings for one call; ``prescaled``:
     a channel shift or multiplier is applied before the rotation; ``phase``: 0 = one launch,
-    1 / 2 = the two launches of split scale spans (``TILE_GROUP == 0`` only); ``packed``:
-    4-bit codes packed two per byte, else one int8 each.
+    1 / 2 = the two launches of split scale spans (``TILE_GROUP == 0`` only).
 
     Blocks above ``MAX_KERNEL_BLOCK`` (256) are split: the launcher applies the permutation, the
     channel shift and multiplier and the outer Hadamard factor in PyTorch (float32), the kernel
@@ -331,8 +333,6 @@ def _plan(dtype, block, group_size, bits, prescaled, phase, packed, interpreter)
     if phase and tile_group:
         raise ValueError("phases 1 and 2 are for scale spans wider than the tile")
     bm = 16 if interpreter else {64: 64, 128: 32, 256: 16}[t]
-    if phase == 1:  # writes no codes: one specialization for every code format
-        bits, packed = 4, True
     # 8 warps where float32 values take two dots per half on wide tiles: at T = 256, ptxas
     # (triton 3.6, sm_80/89/90) spilled 164-260 B per thread with 4 warps, 24-40 with 8; the
     # per-token path at T = 128 spilled 16 B on sm_80 with 4, none with 8, and with tf32x3
@@ -340,8 +340,7 @@ def _plan(dtype, block, group_size, bits, prescaled, phase, packed, interpreter)
     warps = 8 if not exact_tf32 and (t == 256 or (t == 128 and tile_group == 0)) else 4
     return {
         "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x2",
-                           TILE_GROUP=tile_group, BITS=storage_bits(bits, packed),
-                           PHASE=phase),
+                           TILE_GROUP=tile_group, PHASE=phase),
         "num_warps": warps, "dtype": dtype, "block": hb,
         "h_block": hb if rot == 1 else hb // 2,
     }
@@ -356,28 +355,26 @@ def kernel_specs():
     for dtype in KERNEL_DTYPES:
         for block in (None, 16, 32, 64, 128, 256, 512):
             for group in (None, 64, 128, 256):
-                for bits in (4, 8):
-                    for prescaled in (False, True):
-                        for phase, packed in itertools.product((0, 1, 2), (True, False)):
-                            try:
-                                p = _plan(dtype, block, group, bits, prescaled, phase,
-                                          packed, False)
-                            except ValueError:
-                                continue
-                            seen.setdefault((p["dtype"], tuple(sorted(p["constexprs"].items())),
-                                             p["num_warps"]), p)
+                for prescaled, phase in itertools.product((False, True), (0, 1, 2)):
+                    try:
+                        p = _plan(dtype, block, group, prescaled, phase, False)
+                    except ValueError:
+                        continue
+                    seen.setdefault((p["dtype"], tuple(sorted(p["constexprs"].items())),
+                                     p["num_warps"]), p)
     return list(seen.values())
 
 
-def signature(dtype: torch.dtype, bits: int) -> dict:
-    """Triton signature of the pointer and scalar arguments (for compiling without a GPU)."""
+def signature(dtype: torch.dtype) -> dict:
+    """Triton signature of the pointer and scalar arguments (for compiling without a GPU);
+    codes of every format are written through a uint8 pointer."""
     x = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     return {"x_ptr": x, "perm_ptr": "*i32", "sh_ptr": "*fp32", "cs_ptr": "*fp32", "h_ptr": "*fp32",
-            "q_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32", "p_ptr": "*fp32",
+            "q_ptr": "*u8", "s_ptr": "*fp32", "p_ptr": "*fp32",
             "M": "i32", "span": "i32", "stride_xm": "i32", "stride_qm": "i32",
             "stride_sm": "i32", "stride_pm": "i32", "scale_mult": "fp32", "h_norm": "fp32",
             "qmax": "fp32", "n_row_blocks": "i32", "has_perm": "u1", "perm_runs8": "u1",
-            "has_sh": "u1", "has_cs": "u1"}
+            "has_sh": "u1", "has_cs": "u1", "packed": "u1"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -398,7 +395,7 @@ def prepare(block: int | None, device: torch.device) -> None:
         return
     if block > MAX_KERNEL_BLOCK:  # and the outer factor the launcher applies
         outer_factor(block // MAX_KERNEL_BLOCK, device)
-    p = plan(torch.float32, block, None, 4)  # T and the tile depend on the block only
+    p = plan(torch.float32, block, None)  # T and the tile depend on the block only
     c = p["constexprs"]
     if c["ROT"]:
         _hadamard_tile(c["T"] // 2, p["h_block"], device)
@@ -436,7 +433,7 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
         x2 = apply_outer_hadamard(x2, block, MAX_KERNEL_BLOCK)
         perm = channel_shift = channel_scale = None
         prescaled = False
-    p = plan(x2.dtype, block, group, bits, prescaled, packed=packed)
+    p = plan(x2.dtype, block, group, prescaled)
     c = p["constexprs"]
     # placeholders of the signature's pointer types (never read: flags / ROT / PHASE say so)
     h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else s
@@ -451,18 +448,17 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
             n_cols = k // span
     grid = (min(n_row_blocks, max(1, _programs_per_column(x2.device) // n_cols)), n_cols)
     for phase in phases:
-        cp = plan(x2.dtype, block, group, bits, prescaled, phase, packed)["constexprs"] \
-            if phase else c
-        qp = q.view(torch.uint8) if phase == 1 else q  # phase 1's (unused) code pointer type
+        cp = plan(x2.dtype, block, group, prescaled, phase)["constexprs"] if phase else c
         _rotate_quantize_kernel[grid](
             x2, perm if perm is not None else s.view(torch.int32),
             channel_shift if channel_shift is not None else s,
             channel_scale if channel_scale is not None else s,
-            h, qp, s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0), partial.stride(0),
+            h, q.view(torch.uint8), s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0),
+            partial.stride(0),
             scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
             float(qmax_for(bits)), n_row_blocks, perm is not None, perm_runs == PERM_RUN,
             channel_shift is not None, channel_scale is not None,
-            num_warps=p["num_warps"], **cp,
+            storage_bits(bits, packed) == 4, num_warps=p["num_warps"], **cp,
         )
 
 
