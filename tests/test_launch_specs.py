@@ -89,6 +89,7 @@ def test_rotate_launches_only_specs_the_check_compiles(kernel_device, monkeypatc
                     arg = dict(zip(rec.kernel.arg_names, args))
                     assert arg["qmax"] == (7.0 if bits == 4 else 127.0)
                     assert arg["packed"] is (bits == 4 and packed)
+                    assert arg["butterfly"] is ((block or 0) >= 64)  # blocks 16-64: one spec
     # 5 rows are one row block: per-token scales and groups of 256 on 64-wide tiles go split
     assert {kwargs["PHASE"] for _, kwargs in rec.calls} == {0, 1, 2}
 

@@ -98,10 +98,12 @@ def _dot_pm1(x, h, PREC: tl.constexpr):
 
 @triton.jit
 def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_norm,
-                    has_perm, perm_runs8, has_sh, has_cs, HALF: tl.constexpr, ROT: tl.constexpr,
-                    PREC: tl.constexpr):
+                    has_perm, perm_runs8, has_sh, has_cs, butterfly, HALF: tl.constexpr,
+                    ROT: tl.constexpr, PREC: tl.constexpr):
     """(y_lo, y_hi) float32 [BM, HALF]: the rotated low- and high-nibble columns of a tile,
-    ((x − shift)·scale)·S·H with the shift and scale indexed by the source column."""
+    ((x − shift)·scale)·S·H with the shift and scale indexed by the source column. ROT 0: no
+    rotation; 1: both halves times the ±1 tile h, then, for blocks ≥ 64 (``butterfly``, a
+    runtime flag: blocks 16, 32 and 64 share a specialization), their sum and difference."""
     j = tl.arange(0, HALF)
     lo_cols = k0 + (j // 32) * 64 + (j % 32)
     base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
@@ -135,14 +137,11 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
     if has_cs:
         x_lo = x_lo * tl.load(cs_ptr + src_lo)[None, :]
         x_hi = x_hi * tl.load(cs_ptr + src_hi)[None, :]
-    if ROT == 1:
-        x_lo = _dot_pm1(x_lo, h, PREC) * h_norm
-        x_hi = _dot_pm1(x_hi, h, PREC) * h_norm
-    elif ROT == 2:
+    if ROT:
         p = _dot_pm1(x_lo, h, PREC)
         q = _dot_pm1(x_hi, h, PREC)
-        x_lo = (p + q) * h_norm
-        x_hi = (p - q) * h_norm
+        x_lo = tl.where(butterfly, p + q, p) * h_norm
+        x_hi = tl.where(butterfly, p - q, q) * h_norm
     return x_lo, x_hi
 
 
@@ -204,7 +203,7 @@ NO_SPECIALIZE = ("M", "stride_sm", "stride_pm", "n_row_blocks")
 def _rotate_quantize_kernel(
     x_ptr, perm_ptr, sh_ptr, cs_ptr, h_ptr, q_ptr, s_ptr, p_ptr,
     M, span, stride_xm, stride_qm, stride_sm, stride_pm, scale_mult, h_norm, qmax, n_row_blocks,
-    has_perm, perm_runs8, has_sh, has_cs, packed,
+    has_perm, perm_runs8, has_sh, has_cs, packed, butterfly,
     BM: tl.constexpr, T: tl.constexpr, ROT: tl.constexpr, PREC: tl.constexpr,
     TILE_GROUP: tl.constexpr, PHASE: tl.constexpr,
 ):
@@ -223,7 +222,7 @@ def _rotate_quantize_kernel(
     # shares one specialization (fewer JIT and compile-check compiles).
     HALF: tl.constexpr = T // 2
     hj = tl.arange(0, HALF)
-    if ROT > 0:
+    if ROT:
         h = tl.load(h_ptr + hj[:, None] * HALF + hj[None, :])
     else:
         h = 0.0
@@ -234,7 +233,7 @@ def _rotate_quantize_kernel(
         if PHASE == 1:
             y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
                                          stride_xm, col * T, h_norm, has_perm, perm_runs8, has_sh,
-                                         has_cs, HALF, ROT, PREC)
+                                         has_cs, butterfly, HALF, ROT, PREC)
             t_max, t_bad = _max_finite(y_lo, y_hi, 1)
             tl.store(p_ptr + rows.to(tl.int64) * stride_pm + col,
                      tl.where(t_bad > 0, -1.0, t_max), mask=row_ok)
@@ -255,7 +254,7 @@ def _rotate_quantize_kernel(
                          mask=row_ok)
             y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
                                          stride_xm, col * T, h_norm, has_perm, perm_runs8, has_sh,
-                                         has_cs, HALF, ROT, PREC)
+                                         has_cs, butterfly, HALF, ROT, PREC)
             _store_codes(q_ptr, rows, row_ok, stride_qm, col * T,
                          _codes(y_lo, inv[:, None], bad[:, None], qmax),
                          _codes(y_hi, inv[:, None], bad[:, None], qmax), packed, HALF)
@@ -265,7 +264,7 @@ def _rotate_quantize_kernel(
             for k0 in range(col * span, col * span + span, T):
                 y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
                                              stride_xm, k0, h_norm, has_perm, perm_runs8, has_sh,
-                                             has_cs, HALF, ROT, PREC)
+                                             has_cs, butterfly, HALF, ROT, PREC)
                 t_max, t_bad = _max_finite(y_lo, y_hi, 1)
                 amax = tl.maximum(amax, t_max)
                 nbad += t_bad
@@ -274,7 +273,7 @@ def _rotate_quantize_kernel(
             for k0 in range(col * span, col * span + span, T):
                 y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
                                              stride_xm, k0, h_norm, has_perm, perm_runs8, has_sh,
-                                             has_cs, HALF, ROT, PREC)
+                                             has_cs, butterfly, HALF, ROT, PREC)
                 _store_codes(q_ptr, rows, row_ok, stride_qm, k0,
                              _codes(y_lo, inv[:, None], bad[:, None], qmax),
                              _codes(y_hi, inv[:, None], bad[:, None], qmax), packed, HALF)
@@ -284,7 +283,7 @@ def _rotate_quantize_kernel(
             k0 = col * T
             y_lo, y_hi = _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok,
                                          stride_xm, k0, h_norm, has_perm, perm_runs8, has_sh,
-                                         has_cs, HALF, ROT, PREC)
+                                         has_cs, butterfly, HALF, ROT, PREC)
             g_lo = tl.reshape(y_lo, (BM, NG, GH))
             g_hi = tl.reshape(y_hi, (BM, NG, GH))
             amax, nbad = _max_finite(g_lo, g_hi, 2)
@@ -326,7 +325,7 @@ def _plan(dtype, block, group_size, prescaled, phase, interpreter) -> dict:
         prescaled = False  # done by the launcher
     hb = block or 0
     t = max(hb, 64)  # the rotation's tile: as small as the block allows (fewer dot flops)
-    rot = 0 if hb == 0 else (1 if hb <= 32 else 2)
+    rot = int(hb > 0)
     # without a rotation there is no dot: one PREC (one specialization) for every input
     exact_tf32 = rot == 0 or (dtype != torch.float32 and not prescaled)
     tile_group = group_size if group_size is not None and group_size <= t else 0
@@ -342,7 +341,8 @@ def _plan(dtype, block, group_size, prescaled, phase, interpreter) -> dict:
         "constexprs": dict(BM=bm, T=t, ROT=rot, PREC="tf32" if exact_tf32 else "tf32x2",
                            TILE_GROUP=tile_group, PHASE=phase),
         "num_warps": warps, "dtype": dtype, "block": hb,
-        "h_block": hb if rot == 1 else hb // 2,
+        # blocks >= 64 straddle the tile's halves: a butterfly over a tile of half-size blocks
+        "butterfly": hb >= 64, "h_block": hb // 2 if hb >= 64 else hb,
     }
 
 
@@ -374,7 +374,7 @@ def signature(dtype: torch.dtype) -> dict:
             "M": "i32", "span": "i32", "stride_xm": "i32", "stride_qm": "i32",
             "stride_sm": "i32", "stride_pm": "i32", "scale_mult": "fp32", "h_norm": "fp32",
             "qmax": "fp32", "n_row_blocks": "i32", "has_perm": "u1", "perm_runs8": "u1",
-            "has_sh": "u1", "has_cs": "u1", "packed": "u1"}
+            "has_sh": "u1", "has_cs": "u1", "packed": "u1", "butterfly": "u1"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -458,7 +458,7 @@ def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_sca
             scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
             float(qmax_for(bits)), n_row_blocks, perm is not None, perm_runs == PERM_RUN,
             channel_shift is not None, channel_scale is not None,
-            storage_bits(bits, packed) == 4, num_warps=p["num_warps"], **cp,
+            storage_bits(bits, packed) == 4, p["butterfly"], num_warps=p["num_warps"], **cp,
         )
 
 
