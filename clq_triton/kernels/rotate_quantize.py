@@ -97,38 +97,9 @@ def _dot_pm1(x, h, PREC: tl.constexpr):
 
 
 @triton.jit
-def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_norm,
-                    has_perm, perm_runs8, has_sh, has_cs, butterfly, HALF: tl.constexpr,
-                    ROT: tl.constexpr, PREC: tl.constexpr):
-    """(y_lo, y_hi) float32 [BM, HALF]: the rotated low- and high-nibble columns of a tile,
-    ((x − shift)·scale)·S·H with the shift and scale indexed by the source column. ROT 0: no
-    rotation; 1: both halves times the ±1 tile h, then, for blocks ≥ 64 (``butterfly``, a
-    runtime flag: blocks 16, 32 and 64 share a specialization), their sum and difference."""
-    j = tl.arange(0, HALF)
-    lo_cols = k0 + (j // 32) * 64 + (j % 32)
-    base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-    # two load paths, each reading x itself: through one index merged from all three
-    # layouts, every load was a 2-byte gather (sm_90 PTX: ld.global.b16); with a third path
-    # for the identity, each specialization took about 1.5x as long to compile (sm_80, 116
-    # specializations: 226 -> 145 s of compiling on a CPU, 2026-12-03)
-    if has_perm and not perm_runs8:  # any permutation: a gather of single values
-        src_lo = tl.load(perm_ptr + lo_cols)
-        src_hi = tl.load(perm_ptr + lo_cols + 32)
-        x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0)
-        x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0)
-    else:
-        # aligned runs of 8 channels: a permutation of runs (smoothing.outlier_permutation,
-        # said so by perm_runs8) or none (the tile's own columns, runs of 32). Said so (on
-        # the loaded values: a hint on the select is lost where the select folds), triton
-        # reads each run 16 bytes at a time (ld.global.v4 for bf16)
-        runs_lo = tl.load(perm_ptr + lo_cols, mask=has_perm, other=0)
-        runs_hi = tl.load(perm_ptr + lo_cols + 32, mask=has_perm, other=0)
-        runs_lo = tl.max_contiguous(tl.multiple_of(runs_lo, 8), 8)
-        runs_hi = tl.max_contiguous(tl.multiple_of(runs_hi, 8), 8)
-        src_lo = tl.where(has_perm, runs_lo, lo_cols)
-        src_hi = tl.where(has_perm, runs_hi, lo_cols + 32)
-        x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0)
-        x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0)
+def _rotate_loaded(x_lo, x_hi, src_lo, src_hi, sh_ptr, cs_ptr, h, h_norm, has_sh, has_cs,
+                   butterfly, ROT: tl.constexpr, PREC: tl.constexpr):
+    """The loaded halves of a tile, float32: ((x − shift)·scale), then the rotation."""
     x_lo = x_lo.to(tl.float32)
     x_hi = x_hi.to(tl.float32)
     if has_sh:
@@ -143,6 +114,49 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
         x_lo = tl.where(butterfly, p + q, p) * h_norm
         x_hi = tl.where(butterfly, p - q, q) * h_norm
     return x_lo, x_hi
+
+
+@triton.jit
+def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm, k0, h_norm,
+                    has_perm, perm_runs8, has_sh, has_cs, butterfly, HALF: tl.constexpr,
+                    ROT: tl.constexpr, PREC: tl.constexpr):
+    """(y_lo, y_hi) float32 [BM, HALF]: the rotated low- and high-nibble columns of a tile,
+    ((x − shift)·scale)·S·H with the shift and scale indexed by the source column. ROT 0: no
+    rotation; 1: both halves times the ±1 tile h, then, for blocks ≥ 64 (``butterfly``, a
+    runtime flag: blocks 16, 32 and 64 share a specialization), their sum and difference."""
+    j = tl.arange(0, HALF)
+    lo_cols = k0 + (j // 32) * 64 + (j % 32)
+    base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    # two load paths, each reading x itself: through one index merged from all three
+    # layouts, every load was a 2-byte gather (sm_90 PTX: ld.global.b16); with a third path
+    # for the identity, each specialization took about 1.5x as long to compile (sm_80, 116
+    # specializations: 226 -> 145 s of compiling on a CPU, 2026-12-03). Each path rotates its
+    # own loads: where the paths met before the shift and the dots, triton 3.6 gave the wide
+    # tiles code that its ptxas could not allocate (T = 256, float32 dots: 32 registers and
+    # 37 KB spilled per thread, sm_90; checked in tests/test_compile.py)
+    if has_perm and not perm_runs8:  # any permutation: a gather of single values
+        src_lo = tl.load(perm_ptr + lo_cols)
+        src_hi = tl.load(perm_ptr + lo_cols + 32)
+        y_lo, y_hi = _rotate_loaded(
+            tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0),
+            tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0),
+            src_lo, src_hi, sh_ptr, cs_ptr, h, h_norm, has_sh, has_cs, butterfly, ROT, PREC)
+    else:
+        # aligned runs of 8 channels: a permutation of runs (smoothing.outlier_permutation,
+        # said so by perm_runs8) or none (the tile's own columns, runs of 32). Said so (on
+        # the loaded values: a hint on the select is lost where the select folds), triton
+        # reads each run 16 bytes at a time (ld.global.v4 for bf16)
+        runs_lo = tl.load(perm_ptr + lo_cols, mask=has_perm, other=0)
+        runs_hi = tl.load(perm_ptr + lo_cols + 32, mask=has_perm, other=0)
+        runs_lo = tl.max_contiguous(tl.multiple_of(runs_lo, 8), 8)
+        runs_hi = tl.max_contiguous(tl.multiple_of(runs_hi, 8), 8)
+        src_lo = tl.where(has_perm, runs_lo, lo_cols)
+        src_hi = tl.where(has_perm, runs_hi, lo_cols + 32)
+        y_lo, y_hi = _rotate_loaded(
+            tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0),
+            tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0),
+            src_lo, src_hi, sh_ptr, cs_ptr, h, h_norm, has_sh, has_cs, butterfly, ROT, PREC)
+    return y_lo, y_hi
 
 
 @triton.jit
