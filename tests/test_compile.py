@@ -41,10 +41,11 @@ def test_every_kernel_specialization_compiles_and_fits():
     assert ("gemm", 90, "autotune") in kinds
     results = run_jobs(jobs, processes=min(4, os.cpu_count() or 1), registers=spill_checked)
     problems = [f"{r.job.label()}: {r.problem()}" for r in results if r.problem()]
-    # the wide activation tiles, assembled by ptxas: a spill that the PTX cannot show (triton
-    # 3.6 once spilled 37 KB per thread there: 32 registers for a merge of two load paths)
+    # the activation kernel (bf16, sm_90) assembled by ptxas: a spill that the PTX cannot show
+    # (triton 3.6 once spilled 37 KB per thread on wide tiles: a merge of two load paths)
     spills = [r for r in results if spill_checked(r.job)]
-    assert len(spills) >= 20 and all(r.registers for r in spills)
+    assert {dict(r.job.constexprs)["T"] for r in spills} == {64, 128, 256}
+    assert all(r.registers for r in spills)
     problems += [f"{r.job.label()}: ptxas spills {r.spill_bytes} B per thread > {SPILL_LIMIT}"
                  for r in spills if r.spill_bytes > SPILL_LIMIT]
     shared = np.array([r.shared for r in results])
