@@ -97,11 +97,12 @@ def _dot_pm1(x, h, PREC: tl.constexpr):
 
 
 @triton.jit
-def _rotate_loaded(x_lo, x_hi, src_lo, src_hi, sh_ptr, cs_ptr, h, h_norm, has_sh, has_cs,
-                   butterfly, ROT: tl.constexpr, PREC: tl.constexpr):
-    """The loaded halves of a tile, float32: ((x − shift)·scale), then the rotation."""
-    x_lo = x_lo.to(tl.float32)
-    x_hi = x_hi.to(tl.float32)
+def _load_rotated(base, src_lo, src_hi, row_ok, sh_ptr, cs_ptr, h, h_norm, has_sh, has_cs,
+                  butterfly, ROT: tl.constexpr, PREC: tl.constexpr):
+    """The halves of a tile read from source columns src_lo / src_hi of the rows at ``base``,
+    float32: ((x − shift)·scale), then the rotation."""
+    x_lo = tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    x_hi = tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     if has_sh:
         x_lo = x_lo - tl.load(sh_ptr + src_lo)[None, :]
         x_hi = x_hi - tl.load(sh_ptr + src_hi)[None, :]
@@ -137,10 +138,8 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
     if has_perm and not perm_runs8:  # any permutation: a gather of single values
         src_lo = tl.load(perm_ptr + lo_cols)
         src_hi = tl.load(perm_ptr + lo_cols + 32)
-        y_lo, y_hi = _rotate_loaded(
-            tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0),
-            tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0),
-            src_lo, src_hi, sh_ptr, cs_ptr, h, h_norm, has_sh, has_cs, butterfly, ROT, PREC)
+        y_lo, y_hi = _load_rotated(base, src_lo, src_hi, row_ok, sh_ptr, cs_ptr, h, h_norm,
+                                   has_sh, has_cs, butterfly, ROT, PREC)
     else:
         # aligned runs of 8 channels: a permutation of runs (smoothing.outlier_permutation,
         # said so by perm_runs8) or none (the tile's own columns, runs of 32). Said so (on
@@ -152,10 +151,8 @@ def _rotated_halves(x_ptr, perm_ptr, sh_ptr, cs_ptr, h, rows, row_ok, stride_xm,
         runs_hi = tl.max_contiguous(tl.multiple_of(runs_hi, 8), 8)
         src_lo = tl.where(has_perm, runs_lo, lo_cols)
         src_hi = tl.where(has_perm, runs_hi, lo_cols + 32)
-        y_lo, y_hi = _rotate_loaded(
-            tl.load(base + src_lo[None, :], mask=row_ok[:, None], other=0.0),
-            tl.load(base + src_hi[None, :], mask=row_ok[:, None], other=0.0),
-            src_lo, src_hi, sh_ptr, cs_ptr, h, h_norm, has_sh, has_cs, butterfly, ROT, PREC)
+        y_lo, y_hi = _load_rotated(base, src_lo, src_hi, row_ok, sh_ptr, cs_ptr, h, h_norm,
+                                   has_sh, has_cs, butterfly, ROT, PREC)
     return y_lo, y_hi
 
 
