@@ -85,7 +85,7 @@ def test_rotate_launches_only_specs_the_check_compiles(kernel_device, monkeypatc
                     assert _launch_types(rec.kernel, args, rq.ALIGNED) == {
                         k: v for k, v in rq.signature(args[0].dtype).items()
                         if k.endswith("_ptr")}
-                    # the code format is runtime arguments: one specialization for all
+                    # the code format and the butterfly are runtime arguments: one spec for all
                     arg = dict(zip(rec.kernel.arg_names, args))
                     assert arg["qmax"] == (7.0 if bits == 4 else 127.0)
                     assert arg["packed"] is (bits == 4 and packed)
