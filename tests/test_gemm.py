@@ -146,6 +146,55 @@ def test_gemm_errors(over, err, match):
         quant_matmul(**_args(**over))
 
 
+def test_gemm_refuses_a_per_channel_k_whose_int32_sum_could_overflow():
+    from clq_triton.kernels.gemm import MAX_K_PER_CHANNEL
+
+    k = MAX_K_PER_CHANNEL + 64  # |4-bit code · 16|² · K > 2**31
+    args = dict(xq=torch.zeros(1, k // 2, dtype=torch.uint8), xs=torch.ones(1, 1),
+                wq=torch.zeros(1, k // 2, dtype=torch.uint8), ws=torch.ones(1), wz=None,
+                bias=None, a_bits=4, w_bits=4, group_size=None)
+    with pytest.raises(ValueError, match="overflow; use a group size"):
+        quant_matmul(**args)
+
+
+def _run_ptx(asm: str, word: int) -> int:
+    """A tiny emulator of the b32 PTX that _nibbles_x16 inlines: shl / and, $1 in, $0 out."""
+    regs = {"$1": word}
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        dst, a, b = (t.strip() for t in rest.split(","))
+        x, y = regs[a], (int(b, 0) if b[0].isdigit() else regs[b])
+        regs[dst] = ((x << y) if op == "shl.b32" else (x & y)) & 0xFFFFFFFF
+    return regs["$0"]
+
+
+def test_nibble_unpack_ptx_gives_16_times_each_signed_nibble(gen):
+    """The inline PTX of the GEMM's 4-bit unpack (run by every compiled launch, never by the
+    interpreter), emulated on random 32-bit words: each byte h·16 + l becomes 16·l and 16·h
+    (signed nibbles), as the interpreter's int8 path computes and as the split-halves packing
+    (pack_int4_ref) put them."""
+    import inspect
+    import re
+
+    from clq_triton.kernels import gemm
+
+    src = inspect.getsource(gemm).split("def _nibbles_x16")[1].split("@triton.jit")[0]
+    lo_asm, hi_asm = re.findall(r'"(\{?[^"]*\.b32[^"]*)"', src)
+    codes = torch.randint(-8, 8, (4, 64), generator=gen, dtype=torch.int8)
+    packed = pack_int4_ref(codes)  # uint8 [4, 32]: byte j = lo code j, hi code j + 32
+    words = packed.contiguous().view(torch.int32).view(-1).tolist()
+    lo = torch.tensor([_run_ptx(lo_asm, w & 0xFFFFFFFF) for w in words], dtype=torch.int64)
+    hi = torch.tensor([_run_ptx(hi_asm, w & 0xFFFFFFFF) for w in words], dtype=torch.int64)
+    as_bytes = lambda t: t.to(torch.int32).view(torch.int8).view(4, 32)  # noqa: E731
+    assert torch.equal(as_bytes(lo).to(torch.int32), codes[:, :32].to(torch.int32) * 16)
+    assert torch.equal(as_bytes(hi).to(torch.int32), codes[:, 32:].to(torch.int32) * 16)
+    raw = packed.view(torch.int8)  # the interpreter's path, in int8 like the kernel
+    assert torch.equal(raw << 4, as_bytes(lo)) and torch.equal((raw >> 4) << 4, as_bytes(hi))
+
+
 @pytest.mark.parametrize("w_bits, a_bits", PAIRS)
 @pytest.mark.parametrize("group", GROUPS)
 def test_gemm_weight_left_product_is_the_same(kernel_device, w_bits, a_bits, group, gen,

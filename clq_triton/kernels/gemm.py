@@ -10,13 +10,17 @@ Operands (K = reduction dim; layouts and scale modes: :mod:`clq_triton.kernels.f
 - bias: optional [N], any float dtype (the kernel reads it as float32)
 Result y: [M, N] in ``out_dtype`` (fp16/bf16/fp32).
 
-Kernel: a loaded K step of BK columns is unpacked with shifts into low and high halves
-(``(b << 4) >> 4``, ``b >> 4``); 4-bit weights with group scales are multiplied by their
-integer z (``|code·z| ≤ 112`` fits int8); ``dot(a_lo, b_lo) + dot(a_hi, b_hi)`` accumulates
-exactly in int32. Per channel, one int32 accumulator runs over all of K and the float
-rescale ``xs·ws`` happens once in the epilogue. Per group (BK = G), each K step's int32 sum is
-scaled by the token's group scale into an fp32 accumulator: one multiply-add per output per
-group; the weight's float scale stays in the epilogue.
+Kernel: a loaded K step of BK columns of 4-bit codes is unpacked into low and high halves
+*times 16*: a packed byte ``h·16 + l`` gives ``l·16 = b << 4`` and ``h·16 = b & 0xF0`` as int8,
+two bit operations per 32-bit word of 4 bytes (inline PTX; the interpreter runs the same with
+int8 shifts), where sign-extending each nibble took ~6 byte-wise instructions per byte.
+``dot(a_lo, b_lo) + dot(a_hi, b_hi)`` accumulates exactly in int32 (|product| ≤ 128·128, so
+per channel K ≤ 131072), and the epilogue divides by 16 per 4-bit operand (a power of two:
+the result is bit for bit the unscaled one's). Per channel, one int32 accumulator runs over
+all of K and the float rescale ``xs·ws`` happens once in the epilogue. Per group (BK = G),
+each K step's int32 sum is multiplied by the weights' integer group scale z (int32, per output
+column) and scaled by the token's group scale into an fp32 accumulator; the weight's float
+scale stays in the epilogue.
 """
 
 from __future__ import annotations
@@ -54,14 +58,32 @@ from .quantize import dequantize_ref, dequantize_weight_ref
 
 
 @triton.jit
-def _load_halves(ptr, rows, stride, k0, BK: tl.constexpr, BITS: tl.constexpr):
-    """int8 [R, BK/2] × 2: the low- and high-nibble columns of K step [k0, k0 + BK)."""
+def _nibbles_x16(raw, ASM: tl.constexpr):
+    """(16·low nibble, 16·high nibble) of int8 bytes, as int8. With ``ASM`` two 32-bit PTX
+    operations per 4 bytes (``shl`` + ``and`` / ``and``); else int8 shifts (interpreter)."""
+    if ASM:
+        lo = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }", "=r,r", [raw],
+            dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [raw],
+                                       dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        lo = raw << 4
+        hi = (raw >> 4) << 4
+    return lo, hi
+
+
+@triton.jit
+def _load_halves(ptr, rows, stride, k0, BK: tl.constexpr, BITS: tl.constexpr,
+                 ASM: tl.constexpr):
+    """int8 [R, BK/2] × 2: the low- and high-nibble columns of K step [k0, k0 + BK); 4-bit
+    codes come times 16 (:func:`_nibbles_x16`)."""
     HALF: tl.constexpr = BK // 2
     j = tl.arange(0, HALF)
     base = ptr + rows[:, None].to(tl.int64) * stride
     if BITS == 4:
         raw = tl.load(base + (k0 // 2 + j)[None, :])  # int8 view of the packed bytes
-        return (raw << 4) >> 4, raw >> 4  # arithmetic shifts sign-extend each nibble
+        return _nibbles_x16(raw, ASM)
     else:
         lo = k0 + (j // 32) * 64 + (j % 32)
         return tl.load(base + lo[None, :]), tl.load(base + (lo + 32)[None, :])
@@ -97,8 +119,10 @@ def _quant_matmul_kernel(
     M, N, K, stride_am, stride_asm, stride_bn, stride_bzn, stride_cm, has_bias,
     A_BITS: tl.constexpr, W_BITS: tl.constexpr, GROUP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    W_LEFT: tl.constexpr,
+    W_LEFT: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
+    # 4-bit codes are unpacked times 16 (_nibbles_x16): the epilogue divides it out
+    X16: tl.constexpr = (16 if A_BITS == 4 else 1) * (16 if W_BITS == 4 else 1)
     # Grouped launch order so that neighbouring programs share weight tiles in L2.
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
@@ -126,8 +150,8 @@ def _quant_matmul_kernel(
                 b = tl.load(b_ptr + rn_in[:, None].to(tl.int64) * stride_bn + cols[None, :])
                 acc_i = _int_dot(a, b, acc_i, W_LEFT)
             else:
-                a_lo, a_hi = _load_halves(a_ptr, rm_in, stride_am, k0, BK, A_BITS)
-                b_lo, b_hi = _load_halves(b_ptr, rn_in, stride_bn, k0, BK, W_BITS)
+                a_lo, a_hi = _load_halves(a_ptr, rm_in, stride_am, k0, BK, A_BITS, UNPACK_ASM)
+                b_lo, b_hi = _load_halves(b_ptr, rn_in, stride_bn, k0, BK, W_BITS, UNPACK_ASM)
                 acc_i = _int_dot(a_lo, b_lo, acc_i, W_LEFT)
                 acc_i = _int_dot(a_hi, b_hi, acc_i, W_LEFT)
         if W_LEFT:
@@ -148,15 +172,16 @@ def _quant_matmul_kernel(
                 b = tl.load(b_ptr + rn_in[:, None].to(tl.int64) * stride_bn + cols[None, :])
                 d = _int_dot(a, b, zero, W_LEFT)
             else:
-                a_lo, a_hi = _load_halves(a_ptr, rm_in, stride_am, k0, BK, A_BITS)
-                b_lo, b_hi = _load_halves(b_ptr, rn_in, stride_bn, k0, BK, W_BITS)
-                if W_BITS == 4:  # two-level weights: code · z, exact in int8
-                    z = tl.load(bz_ptr + rn_in.to(tl.int64) * stride_bzn + k0 // GROUP)
-                    z = z.to(tl.int8)[:, None]
-                    b_lo = b_lo * z
-                    b_hi = b_hi * z
+                a_lo, a_hi = _load_halves(a_ptr, rm_in, stride_am, k0, BK, A_BITS, UNPACK_ASM)
+                b_lo, b_hi = _load_halves(b_ptr, rn_in, stride_bn, k0, BK, W_BITS, UNPACK_ASM)
                 d = _int_dot(a_lo, b_lo, zero, W_LEFT)
                 d = _int_dot(a_hi, b_hi, d, W_LEFT)
+                if W_BITS == 4:  # two-level weights: the group's sum times z, exact in int32
+                    z = tl.load(bz_ptr + rn_in.to(tl.int64) * stride_bzn + k0 // GROUP)
+                    if W_LEFT:
+                        d = d * z.to(tl.int32)[:, None]
+                    else:
+                        d = d * z.to(tl.int32)[None, :]
             xs = tl.load(as_ptr + rm_in.to(tl.int64) * stride_asm + k0 // GROUP)
             if W_LEFT:
                 acc += d.to(tl.float32) * xs[None, :]
@@ -164,7 +189,7 @@ def _quant_matmul_kernel(
                 acc += d.to(tl.float32) * xs[:, None]
         if W_LEFT:
             acc = tl.trans(acc)
-    acc = acc * tl.load(bs_ptr + rn_in)[None, :]
+    acc = acc * (tl.load(bs_ptr + rn_in) * (1.0 / X16))[None, :]  # 1/X16: a power of 2
     if has_bias:
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -173,6 +198,10 @@ def _quant_matmul_kernel(
 
 
 # ------------------------------------------------------------------------------- launcher
+
+# Per channel one int32 sum runs over all of K: |code product| ≤ 128 · 128 (4-bit codes times
+# 16, or 8-bit codes), so K ≤ 2**31 / 2**14 keeps it exact.
+MAX_K_PER_CHANNEL = 131072
 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -189,10 +218,12 @@ def signature(a_bits: int, w_bits: int, out_dtype: torch.dtype) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def constexprs(a_bits: int, w_bits: int, group_size: int | None,
-               cfg: tuning.GemmConfig) -> dict:
-    """The kernel's compile-time arguments (cached, shared: copy to change)."""
+               cfg: tuning.GemmConfig, asm: bool = True) -> dict:
+    """The kernel's compile-time arguments (cached, shared: copy to change). ``asm``: unpack
+    nibbles with inline PTX (every compiled launch; the interpreter cannot run PTX)."""
     return dict(A_BITS=a_bits, W_BITS=w_bits, GROUP=group_size or 0,
-                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, W_LEFT=cfg.W_LEFT)
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, W_LEFT=cfg.W_LEFT,
+                UNPACK_ASM=asm)
 
 
 def kernel_specs(arch: int, configs=None):
@@ -281,6 +312,9 @@ def quant_matmul(
         raise ValueError(f"activations have K={k} but weights have "
                          f"K={logical_columns(w_bits, wq.shape[1])}")
     check_k(k, group_size)
+    if group_size is None and k > MAX_K_PER_CHANNEL:
+        raise ValueError(f"K={k} > {MAX_K_PER_CHANNEL}: the per-channel int32 sum could "
+                         "overflow; use a group size")
     check_tensor("xs", xs, (m, n_groups(group_size, k)), torch.float32)
     check_tensor("ws", ws, (n,), torch.float32)
     if w_bits == 4 and group_size is not None:
@@ -344,7 +378,7 @@ def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
             a8, xs, b8, wz_arg, ws, bias_arg, c, m, n, k,
             a8.stride(0), xs.stride(0), b8.stride(0), wz.stride(0) if wz is not None else 0,
             c.stride(0), bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **constexprs(a_bits, w_bits, group_size, cfg))
+            **constexprs(a_bits, w_bits, group_size, cfg, not interpreter_on()))
 
     with device_guard(xq):
         launch(_config(xq, m, n, k, a_bits, w_bits, group_size, launch))

@@ -110,6 +110,14 @@ class GemmConfig:
         base = replace(self, W_LEFT=self.W_LEFT and w_bits == 4)
         if group_size is not None:
             cfg = replace(base, BK=group_size)
+            if (arch is not None and w_bits == 4 and table_family(arch) == 90
+                    and cfg.BM == 128 and cfg.num_warps == 8):
+                # 4-bit two-level weights: each K step's int32 sum is multiplied by the
+                # weights' integer group scale z per output column (gemm._quant_matmul_kernel):
+                # at 128×128 with 8 warps, sm_90/100 spilled 112-272 B per thread (ptxas,
+                # triton 3.6 and 3.9); one warpgroup of 64 rows holds 192 registers, no spill,
+                # 2 CTAs per SM, and issues 21 % fewer instructions per MAC (SASS, sm_90)
+                cfg = replace(cfg, BM=64, num_warps=4)
             if arch is not None:
                 while 2 * cfg.BM * cfg.BN > _accumulator_registers(arch) * 32 * cfg.num_warps \
                         and cfg.BN > 64:
