@@ -6,7 +6,8 @@ transformer, bf16 vs W4A4 vs W8A8, eager and replayed from a CUDA graph.
     python bench/profile_forward.py --smoke                # tiny models on the CPU (the tests)
 
 Per (model, mode), from random weights (data-free Hadamard quantization, per-channel scales;
-``w4a4-int8`` = W4A4 with ``use_int8_operands``; ``w4a4-clq`` = CLQ's layer structure
+``-g64`` = group 64, QuantConfig's default; ``w4a4-int8`` = W4A4 with ``use_int8_operands``;
+``w4a4-clq`` = CLQ's layer structure
 (random permutation, channel shift and multiplier per layer, ``bench_utils.clq_layers``) with
 the MLPs' permutations folded as ``patch`` folds them, ``-runs`` with permutations of runs of
 8 channels (``CLQ(perm_run=8)``: 16-byte loads), ``-unfolded`` without the fold (every layer
@@ -51,8 +52,8 @@ FAMILIES = (
     ("bf16 GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "addmm", "aten::mm",
                    "aten::bmm", "aten::matmul", "aten::linear")),
 )
-MODES = ("bf16", "w4a4", "w8a8", "w4a4-clq", "w4a4-clq-runs", "w4a4-clq-unfolded", "bf16-fused",
-         "w4a4-fused", "w8a8-fused", "w4a4-int8")
+MODES = ("bf16", "w4a4", "w8a8", "w4a4-g64", "w4a4-clq", "w4a4-clq-runs", "w4a4-clq-unfolded",
+         "bf16-fused", "w4a4-fused", "w8a8-fused", "w4a4-int8")
 
 
 def family(name: str) -> str:
@@ -74,7 +75,8 @@ def build(name: str, mode: str, cuda: bool, flux_blocks: int):
     bits, *flags = mode.split("-")
     if "fused" in flags:  # the same fusion for bf16, so the two compare like for like
         fuse_projections(model)
-    config = clq_triton.QuantConfig.from_bits(bits, group_size=None) if bits != "bf16" else None
+    group = 64 if "g64" in flags else None  # per channel unless -g64 (QuantConfig's default)
+    config = clq_triton.QuantConfig.from_bits(bits, group_size=group) if bits != "bf16" else None
     if "clq" in flags:
         clq_layers(model, config, fold="unfolded" not in flags,
                    perm_run=8 if "runs" in flags else 1)

@@ -92,8 +92,8 @@ def test_profile_forward_smoke(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     (js,) = tmp_path.glob("profile-*.json")
     rows = json.loads(js.read_text())["rows"]
-    modes = ("bf16", "w4a4", "w4a4-int8", "w8a8", "w4a4-clq", "w4a4-clq-runs", "w4a4-clq-unfolded",
-             "bf16-fused", "w4a4-fused", "w8a8-fused")
+    modes = ("bf16", "w4a4", "w4a4-int8", "w8a8", "w4a4-g64", "w4a4-clq", "w4a4-clq-runs",
+             "w4a4-clq-unfolded", "bf16-fused", "w4a4-fused", "w8a8-fused")
     assert {(r["model"], r["mode"]) for r in rows} == {
         (m, k) for m in ("pixart", "flux") for k in modes}
     by = {(r["model"], r["mode"]): r for r in rows}

@@ -25,6 +25,17 @@ def test_set_backend_and_context_manager():
         clq_triton.set_backend("cuda")
 
 
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_why(monkeypatch):
+    """backend('triton') with CPU tensors on a machine that compiles (a GPU machine): a clear
+    error instead of Triton's "Pointer argument cannot be accessed" (seen on an H200)."""
+    monkeypatch.setattr(_runtime, "INTERPRET", False)
+    with clq_triton.backend("triton"):
+        with pytest.raises(RuntimeError, match="need CUDA tensors .* or the interpreter"):
+            _runtime.use_triton(torch.zeros(2))
+    with clq_triton.backend("auto"):
+        assert not _runtime.use_triton(torch.zeros(2))
+
+
 def test_aligned_copies_only_odd_views():
     t = torch.zeros(8, 64, dtype=torch.uint8)
     assert _runtime.aligned(t, rows=True) is t

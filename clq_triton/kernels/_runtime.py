@@ -63,6 +63,10 @@ def use_triton(t: torch.Tensor) -> bool:
     """Whether the launcher for tensor ``t`` should run the Triton kernel."""
     if _backend == "auto":
         return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+    if _backend == "triton" and not t.is_cuda and not INTERPRET:
+        raise RuntimeError(f"backend('triton') runs the kernels, which need CUDA tensors (this "
+                           f"one is on {t.device}) or the interpreter (TRITON_INTERPRET=1); "
+                           "use backend('auto') or move the model and its inputs to the GPU")
     return _backend == "triton"
 
 
