@@ -17,9 +17,11 @@ import torch
 import triton
 
 from clq_triton.kernels.compile_check import (
+    GEMM_PER_GMMA_LIMIT,
     SPILL_LIMIT,
     Job,
     all_jobs,
+    gemm_gated,
     run_jobs,
     self_cancelling_fmas,
     spill_checked,
@@ -39,7 +41,8 @@ def test_every_kernel_specialization_compiles_and_fits():
     assert {("rotate_quantize", a, "launcher") for a in archs} <= kinds
     assert {a for _, a, _ in kinds} == set(archs)
     assert ("gemm", 90, "autotune") in kinds
-    results = run_jobs(jobs, processes=min(4, os.cpu_count() or 1), registers=spill_checked)
+    results = run_jobs(jobs, processes=min(4, os.cpu_count() or 1),
+                       registers=lambda j: spill_checked(j) or gemm_gated(j))
     problems = [f"{r.job.label()}: {r.problem()}" for r in results if r.problem()]
     # the activation kernel (bf16, sm_90) assembled by ptxas: a spill that the PTX cannot show
     # (triton 3.6 once spilled 37 KB per thread on wide tiles: a merge of two load paths)
@@ -48,6 +51,14 @@ def test_every_kernel_specialization_compiles_and_fits():
     assert all(r.registers for r in spills)
     problems += [f"{r.job.label()}: ptxas spills {r.spill_bytes} B per thread > {SPILL_LIMIT}"
                  for r in spills if r.spill_bytes > SPILL_LIMIT]
+    # the GEMM's speed gate: no spill, and a K loop that keeps pace with the tensor cores
+    gated = [r for r in results if gemm_gated(r.job)]
+    assert len(gated) >= 30 and all(r.per_gmma for r in gated)
+    for r in gated:
+        limit = GEMM_PER_GMMA_LIMIT[dict(r.job.constexprs)["GROUP"]]
+        if r.spill_bytes or r.per_gmma > limit:
+            problems.append(f"{r.job.label()}: {r.spill_bytes} B spilled, {r.per_gmma:.1f} "
+                            f"instructions per GMMA (limit {limit})")
     shared = np.array([r.shared for r in results])
     print(f"triton {triton.__version__}: {len(results)} specializations, shared memory "
           f"{shared.min()}..{shared.max()} B, {sum(r.seconds for r in results):.0f} s compiling")

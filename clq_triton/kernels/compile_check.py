@@ -34,6 +34,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 
+from . import sass
+
 WGMMA_S8 = re.compile(r"wgmma\.mma_async[.\w]*\.s8\.s8")
 TCGEN05_I8 = re.compile(r"tcgen05\.mma[.\w:]*\.kind::i8")
 MMA_S8 = re.compile(r"mma\.sync\.aligned[.\w]*\.s8\.s8")
@@ -99,6 +101,11 @@ class Result:
     wgmma_register_a: int | None = None  # wgmma with its A operand in registers (GEMM)
     b16_loads: int = 0  # global loads of single 16-bit values (gathers of bf16 / fp16)
     v4_loads: int = 0  # global loads of 16 bytes
+    # GEMM with ptxas: its K loop in the SASS (sass.tensor_loop), and its warp instructions
+    # per 64×128×32 tensor-core instruction's worth of MACs (sass.instructions_per_gmma)
+    loop_instructions: int | None = None
+    loop_tensor: int | None = None
+    per_gmma: float | None = None
 
     def problem(self) -> str:
         """'' when the job passed, else why it did not."""
@@ -146,9 +153,9 @@ def int8_mma_pattern(arch: int) -> re.Pattern:
     return MMA_S8
 
 
-def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spill bytes) from ``ptxas -v`` of the ptxas triton uses for
-    ``arch`` (bundled with triton; no GPU needed)."""
+def ptxas_report(ptx: str, arch: int) -> tuple[int, int, bytes]:
+    """(registers per thread, spill bytes, cubin) from ``ptxas -v`` of the ptxas triton uses
+    for ``arch`` (bundled with triton; no GPU needed)."""
     import subprocess
     import tempfile
 
@@ -162,11 +169,15 @@ def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
         gpu = target.group(1) if target else f"sm_{arch}"
         r = subprocess.run([get_ptxas(arch).path, f"--gpu-name={gpu}", "-v", src,
                             "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+        cubin = b""
+        if not r.returncode:
+            with open(os.path.join(tmp, "k.cubin"), "rb") as f:
+                cubin = f.read()
     out = r.stdout + r.stderr
     regs, spills = _PTXAS_REGS.search(out), _PTXAS_SPILLS.search(out)
     if r.returncode or not regs or not spills:
         raise RuntimeError(f"ptxas failed: {' '.join(out.split())[-300:]}")
-    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
+    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2)), cubin
 
 
 def compile_job(job: Job, registers: bool = False) -> Result:
@@ -206,8 +217,14 @@ def compile_job(job: Job, registers: bool = False) -> Result:
                  v4_loads=len(_LD_V4.findall(k.asm["ptx"])))
     if registers:
         try:
-            res.registers, res.spill_bytes = ptxas_report(k.asm["ptx"], job.arch)
-        except RuntimeError as e:
+            res.registers, res.spill_bytes, cubin = ptxas_report(k.asm["ptx"], job.arch)
+            if job.kernel == "gemm":
+                loop = sass.tensor_loop(sass.disassemble(cubin))
+                if loop is not None:
+                    res.loop_instructions, res.loop_tensor = loop.instructions, loop.tensor
+                    res.per_gmma = sass.instructions_per_gmma(
+                        loop, cons["BM"], cons["BN"], cons["BK"], job.num_warps)
+        except (RuntimeError, FileNotFoundError) as e:
             res.ok, res.error = False, str(e)
     res.seconds = time.perf_counter() - t0
     return res
@@ -263,6 +280,22 @@ def spill_checked(job: Job) -> bool:
             and dict(job.signature).get("x_ptr") == "*bf16")
 
 
+# The GEMM's speed gate (SASS counts are deterministic per triton version and target): the
+# shipped table's sm_90 specializations (bf16 out) are assembled, must not spill, and their
+# K loop may issue at most this many warp instructions per 64×128×32 tensor-core
+# instruction's worth of MACs (sass.instructions_per_gmma), by group size (0: per channel).
+# ~64 is what four schedulers issue while the tensor cores work; the 4-bit GEMM of 98f3547
+# unpacked nibbles byte by byte: 149 per channel, 334 at group 64 (triton 3.9); e1eea9d: 21 and
+# 155 (3.9), 19.5 and 169 (3.6).
+GEMM_PER_GMMA_LIMIT = {0: 50, 64: 180, 128: 100, 256: 70}
+
+
+def gemm_gated(job: Job) -> bool:
+    """Whether the suite bounds ``job``'s spills and instructions (:data:`GEMM_PER_GMMA_LIMIT`)."""
+    return (job.kernel == "gemm" and job.arch == 90 and job.what == "table"
+            and dict(job.signature).get("c_ptr") == "*bf16")
+
+
 def run_jobs(jobs: list[Job], processes: int | None = None, progress=None,
              registers=False) -> list[Result]:
     """Compile ``jobs`` in fresh worker processes (each compile is single-threaded);
@@ -312,6 +345,7 @@ def main(argv=None) -> int:
         p = r.problem()
         bad += bool(p)
         regs = (f" {r.registers:>3} regs {r.spill_bytes:>4} B spilled {r.mma:>4} mma"
+                + (f" {r.per_gmma:6.1f} instr/GMMA" if r.per_gmma is not None else "")
                 if r.registers is not None else "")
         print(f"{'FAIL' if p else 'ok  '} {r.shared:>7} B{regs} {r.seconds:5.1f}s "
               f"{r.job.label()}" + (f"\n     {p}" if p else ""), flush=True)
