@@ -365,20 +365,28 @@ def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
     if m == 0 or n == 0:
         return
     # the specialization contract (ALIGNED): copies only for odd views, never for our buffers
-    a8, b8 = aligned(xq, rows=True).view(torch.int8), aligned(wq, rows=True).view(torch.int8)
+    a8, b8 = aligned(xq, rows=True), aligned(wq, rows=True)
+    a8 = a8 if a8.dtype == torch.int8 else a8.view(torch.int8)
+    b8 = b8 if b8.dtype == torch.int8 else b8.view(torch.int8)
     xs, ws, wz = aligned(xs), aligned(ws), aligned(wz)
-    bias = aligned(bias.float()) if bias is not None else None  # one pointer type: *fp32
+    if bias is not None:  # one pointer type: *fp32
+        bias = aligned(bias if bias.dtype == torch.float32 else bias.float())
     # placeholders of the signature's pointer types (never read: flags / GROUP say so)
-    bias_arg = bias if bias is not None else ws
-    wz_arg = wz if wz is not None else b8.view(torch.uint8)
+    args = (a8, xs, b8, wz if wz is not None else b8.view(torch.uint8), ws,
+            bias if bias is not None else ws, c, m, n, k, a8.stride(0), xs.stride(0),
+            b8.stride(0), wz.stride(0) if wz is not None else 0, c.stride(0), bias is not None)
+    asm = not interpreter_on()
 
     def launch(cfg):
         grid = ((-(-m // cfg.BM)) * (-(-n // cfg.BN)),)  # not triton.cdiv: µs per call
-        _quant_matmul_kernel[grid](
-            a8, xs, b8, wz_arg, ws, bias_arg, c, m, n, k,
-            a8.stride(0), xs.stride(0), b8.stride(0), wz.stride(0) if wz is not None else 0,
-            c.stride(0), bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **constexprs(a_bits, w_bits, group_size, cfg, not interpreter_on()))
+        _quant_matmul_kernel[grid](*args, **_launch_kwargs(a_bits, w_bits, group_size, cfg, asm))
 
     with device_guard(xq):
         launch(_config(xq, m, n, k, a_bits, w_bits, group_size, launch))
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_kwargs(a_bits, w_bits, group_size, cfg, asm) -> dict:
+    """The keyword arguments of a launch with ``cfg``: constexprs, warps, stages (cached)."""
+    return dict(constexprs(a_bits, w_bits, group_size, cfg, asm), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
