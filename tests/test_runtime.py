@@ -100,3 +100,21 @@ def test_a_layer_on_the_second_gpu_runs_there_while_the_first_is_current():
     got = q(x.to("cuda:1"))
     assert got.device == torch.device("cuda:1")
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_direct_calls_keep_their_operator_names_in_the_profiler():
+    """Eager calls skip the dispatcher (define_op) but not the profiler: each records an event
+    named as the operator (bench/profile_forward.py counts the quantized calls and their host
+    time by these names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from clq_triton import QuantConfig, QuantLinear
+
+    q = QuantLinear.from_linear(torch.nn.Linear(128, 32), QuantConfig())
+    x = torch.randn(3, 128)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        q(x)
+        q(x)
+    names = [e.name for e in prof.events()]
+    assert names.count("clq_triton::rotate_quantize") == 2
+    assert names.count("clq_triton::quant_matmul") == 2

@@ -297,8 +297,9 @@ def quant_matmul(
 ) -> torch.Tensor:
     """W{w_bits}A{a_bits} GEMM; see the module docstring for layouts. Returns y [M, N].
 
-    Without ``out`` this calls the operator ``torch.ops.clq_triton.quant_matmul``; ``out`` =
-    a preallocated contiguous [M, N] tensor of ``out_dtype`` to write into (eager only)."""
+    Without ``out`` this calls the operator ``torch.ops.clq_triton.quant_matmul`` (its
+    implementation directly in plain eager calls: ``_runtime.define_op``); ``out`` = a
+    preallocated contiguous [M, N] tensor of ``out_dtype`` to write into (eager only)."""
     check_bit_pair(w_bits, a_bits)
     if xq.dim() != 2 or wq.dim() != 2:
         raise ValueError(f"xq and wq must be 2-D, got {tuple(xq.shape)} and {tuple(wq.shape)}")
@@ -331,8 +332,7 @@ def quant_matmul(
         raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     check_same_device(xq=xq, xs=xs, wq=wq, ws=ws, wz=wz, bias=bias, out=out)
     if out is None:
-        return torch.ops.clq_triton.quant_matmul(xq, xs, wq, ws, wz, bias, a_bits, w_bits,
-                                                 group_size, out_dtype)
+        return quant_matmul_op(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out_dtype)
     check_out("out", out, (m, n), out_dtype, xq.device)
     _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out)
     return out
@@ -350,9 +350,11 @@ def _quant_matmul_fake(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
 
 
-define_op("quant_matmul(Tensor xq, Tensor xs, Tensor wq, Tensor ws, Tensor? wz, Tensor? bias, "
-          "int a_bits, int w_bits, int? group_size, ScalarType out_dtype) -> Tensor",
-          _quant_matmul_op, _quant_matmul_fake)
+# torch.ops.clq_triton.quant_matmul, or its implementation for plain eager calls
+quant_matmul_op = define_op(
+    "quant_matmul(Tensor xq, Tensor xs, Tensor wq, Tensor ws, Tensor? wz, Tensor? bias, "
+    "int a_bits, int w_bits, int? group_size, ScalarType out_dtype) -> Tensor",
+    _quant_matmul_op, _quant_matmul_fake)
 
 
 def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:

@@ -574,9 +574,11 @@ def _rotate_quantize_fake(x, perm, channel_shift, channel_scale, block, group_si
             x.new_empty(s_shape, dtype=torch.float32))
 
 
-define_op("rotate_quantize(Tensor x, Tensor? perm, Tensor? channel_shift, Tensor? channel_scale, "
-          "int? block, int? group_size, int bits, float clip, bool packed=True, "
-          "int perm_runs=1) -> (Tensor, Tensor)", _rotate_quantize_op, _rotate_quantize_fake)
+# torch.ops.clq_triton.rotate_quantize, or its implementation for plain eager calls
+rotate_quantize_op = define_op(
+    "rotate_quantize(Tensor x, Tensor? perm, Tensor? channel_shift, Tensor? channel_scale, "
+    "int? block, int? group_size, int bits, float clip, bool packed=True, "
+    "int perm_runs=1) -> (Tensor, Tensor)", _rotate_quantize_op, _rotate_quantize_fake)
 
 
 def rotate_quantize(
@@ -604,7 +606,8 @@ def rotate_quantize(
       q: 4 bits → uint8 [M, K/2], split-halves packing (kernels.formats); 8 bits, or 4 bits
          with ``packed=False`` (codes in [-7, 7], int8 tensor-core operands) → int8 [M, K];
       scales: float32 [M, K/group_size] or [M, 1]; NaN for groups holding NaN/Inf.
-    Without ``out`` this calls the operator ``torch.ops.clq_triton.rotate_quantize``;
+    Without ``out`` this calls the operator ``torch.ops.clq_triton.rotate_quantize`` (its
+    implementation directly in plain eager calls: ``_runtime.define_op``);
     ``out`` = preallocated (q, scales) to write into (eager only). ``check_perm_values=False``
     skips the check that ``perm`` is a permutation (it reads perm back: a device sync); only
     for a perm validated before, as QuantLinear does. ``perm_runs``: 8 when ``perm`` moves
@@ -632,9 +635,8 @@ def rotate_quantize(
     check_same_device(x=x, perm=perm, channel_shift=channel_shift, channel_scale=channel_scale)
     scale_multiplier(bits, clip)  # validates clip
     if out is None:
-        return torch.ops.clq_triton.rotate_quantize(x, perm, channel_shift, channel_scale, block,
-                                                    group_size, bits, float(clip), packed,
-                                                    perm_runs)
+        return rotate_quantize_op(x, perm, channel_shift, channel_scale, block, group_size, bits,
+                                  float(clip), packed, perm_runs)
     q, s = out
     q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
     check_out("out[0]", q, q_shape, q_dtype, x.device)
