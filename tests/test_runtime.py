@@ -85,6 +85,25 @@ def test_device_guard_is_a_no_op_on_the_cpu():
         pass
 
 
+def test_device_guard_switches_only_to_another_gpu(monkeypatch):
+    """Without a GPU: a tensor on the current device needs no switch; one on another device
+    gets torch.cuda.device of its index."""
+
+    class OnGpu:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _runtime.device_guard(OnGpu(1)) is _runtime.device_guard(torch.zeros(1))  # no-op
+    guard = _runtime.device_guard(OnGpu(0))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 0
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_layer_on_the_second_gpu_runs_there_while_the_first_is_current():
     from clq_triton import QuantConfig, QuantLinear
