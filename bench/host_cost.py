@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--bits", default="w4a4")
     ap.add_argument("--group", type=int, default=None, help="group size (default: per token)")
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="x [batch, tokens, K] (a DiT's)")
     ap.add_argument("--shape", default="1152x4608", help="in x out features")
     ap.add_argument("--int8", action="store_true", help="int8 operands")
     ap.add_argument("--calls", type=int, default=2000)
@@ -58,13 +59,13 @@ def main() -> None:
     layer = clq_triton.QuantLinear.from_linear(nn.Linear(k, n), cfg).to(torch.bfloat16)
     if args.int8:
         layer.use_int8_operands()
-    x = torch.randn(args.tokens, k, dtype=torch.bfloat16)
+    x = torch.randn(*(args.batch,) * bool(args.batch), args.tokens, k, dtype=torch.bfloat16)
     with torch.inference_mode(), stubbed_kernels():
         layer(x)
         per_call = sum(kern.launches for kern in (gemm._quant_matmul_kernel,
                                                   rotate_quantize._rotate_quantize_kernel))
         us = per_call_us(lambda: layer(x), args.calls, args.repeats)
-        print(f"{args.bits} g{args.group or 0} {k}x{n} M={args.tokens}"
+        print(f"{args.bits} g{args.group or 0} {k}x{n} x{list(x.shape)}"
               f"{' int8' if args.int8 else ''}: {us:.1f} µs per call (CPU, no kernels), "
               f"{per_call} launches per call")
         if args.profile:

@@ -245,7 +245,8 @@ class QuantLinear(nn.Module):
                              f"{self.qweight.device}; move one of them")
         cfg = self.config
         buf = self._buffers  # read directly: Module.__getattr__ costs µs per buffer per call
-        x2 = x.reshape(-1, self.in_features)
+        flat = x.dim() == 2  # no reshapes then (µs each)
+        x2 = x if flat else x.reshape(-1, self.in_features)
         w8 = buf.get("qweight_int8")
         int8 = w8 is not None
         # The operators directly (their implementations in plain eager calls): the buffers
@@ -267,7 +268,7 @@ class QuantLinear(nn.Module):
         down = buf["lowrank_down"]
         if down is not None:
             y = torch.addmm(y, x2 @ down.to(x.dtype), buf["lowrank_up"].to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         """Module.to / .half() / .bfloat16() / .cuda() …: moves every buffer, but the float32

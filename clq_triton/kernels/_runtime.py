@@ -168,7 +168,8 @@ def aligned(t: torch.Tensor | None, rows: bool = False) -> torch.Tensor | None:
     lets loads vectorize — else an aligned contiguous copy (None stays None)."""
     if t is None:
         return None
-    if t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and not (rows and t.stride(0) % 16):
+    strides = t.stride()
+    if t.data_ptr() % 16 == 0 and strides[-1] == 1 and not (rows and strides[0] % 16):
         return t
     c = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
     assert c.data_ptr() % 16 == 0, "torch allocations are 16-byte aligned"
