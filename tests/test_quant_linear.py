@@ -1,6 +1,7 @@
 import contextlib
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -221,7 +222,7 @@ class _PassThrough(TorchDispatchMode):
 @pytest.mark.parametrize("group", [None, 64])
 def test_eager_calls_skip_the_dispatcher_only_where_they_may(monkeypatch, group, gen):
     """A plain eager call runs the operators' implementations directly (~20 µs of dispatch
-    each saved); an input that needs a gradient, an active dispatch mode and
+    each saved); an input that needs a gradient, an active dispatch mode, torch.jit.trace and
     ``CLQ_DIRECT_OPS=0`` go through ``torch.ops`` (torch.compile's tracing too:
     tests/test_torch_ops.py). Every route gives the same output, bit for bit."""
     from clq_triton.kernels import _runtime
@@ -238,6 +239,12 @@ def test_eager_calls_skip_the_dispatcher_only_where_they_may(monkeypatch, group,
 
     ops, want = call(x)
     assert ops == []
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(q, x, check_trace=False)  # the operators, not their insides
+    assert {"clq_triton::rotate_quantize", "clq_triton::quant_matmul"} <= {
+        n.kind() for n in traced.graph.nodes()}
+    assert torch.equal(traced(x), want)
     for route in ("grad", "mode", "off"):
         if route == "off":
             monkeypatch.setattr(_runtime, "DIRECT_OPS", False)

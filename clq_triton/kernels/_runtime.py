@@ -118,12 +118,14 @@ def define_op(schema: str, impl, fake):
 
 def direct_call(x: torch.Tensor) -> bool:
     """Whether an operator call on ``x`` may run its implementation directly, skipping the
-    dispatcher: outside torch.compile's tracing (checked first: dynamo folds it), on a plain
-    tensor (not a FakeTensor or other subclass) that needs no gradient, with no dispatch mode
-    active (FakeTensorMode, make_fx, ...), and unless ``CLQ_DIRECT_OPS=0``. What the
-    dispatcher would do then is to run the implementation (CompositeExplicitAutograd)."""
+    dispatcher: outside torch.compile's tracing (checked first: dynamo folds it) and
+    torch.jit.trace's, on a plain tensor (not a FakeTensor or other subclass) that needs no
+    gradient, with no dispatch mode active (FakeTensorMode, make_fx, ...), and unless
+    ``CLQ_DIRECT_OPS=0``. What the dispatcher would do then is to run the implementation
+    (CompositeExplicitAutograd)."""
     return (not torch.compiler.is_compiling() and DIRECT_OPS and type(x) is torch.Tensor
-            and not x.requires_grad and not is_in_torch_dispatch_mode())
+            and not x.requires_grad and not is_in_torch_dispatch_mode()
+            and not torch.jit.is_tracing())
 
 
 def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
