@@ -437,7 +437,6 @@ def _split_spans(programs: int, device: torch.device) -> bool:
 class _LaunchPlan(NamedTuple):
     """Everything a launch needs that does not depend on M (:func:`_launch_plan`)."""
     bm: int  # rows per row block
-    tile: int  # T
     span: int  # columns per scale (K per token)
     n_tiles: int  # K / T
     n_spans: int  # K / span
@@ -470,7 +469,7 @@ def _launch_plan(planner, interpreter, dtype, device, k, block, group, bits, cli
         return dict(q["constexprs"], num_warps=p["num_warps"])
 
     return _LaunchPlan(
-        bm=c["BM"], tile=c["T"], span=span, n_tiles=k // c["T"], n_spans=k // span,
+        bm=c["BM"], span=span, n_tiles=k // c["T"], n_spans=k // span,
         wide_spans=wide, one=(kwargs(0),), split=(kwargs(1), kwargs(2)) if wide else (),
         h=_hadamard_tile(c["T"] // 2, p["h_block"], device) if c["ROT"] else None,
         scalars=(scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"]
