@@ -142,6 +142,7 @@ def main(dtype_name="bf16"):
                                                ("waves", waves), ("PREC", prec)) if v})
         if split is not None:
             OVERRIDE["split"] = split
+        rq._launch_plan.cache_clear()  # its plans were made with the previous OVERRIDE
         row = dict(dtype=dtype_name, block=block, group=group, obs=obs, BM=bm, warps=warps,
                    waves=waves, prec=prec, split=split)
         try:

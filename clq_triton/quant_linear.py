@@ -20,10 +20,11 @@ from .kernels.formats import (
     stored_columns,
     unpack_codes,
 )
-from .kernels.gemm import dequantized_matmul
+from .kernels.gemm import dequantized_matmul, quant_matmul_op
 from .kernels.hadamard import check_block, check_perm, find_perm_runs, rotate_ref
 from .kernels.quantize import dequantize_weight_ref, quantize_weight_ref
 from .kernels.rotate_quantize import prepare as prepare_rotation
+from .kernels.rotate_quantize import rotate_quantize_op
 from .lowrank import lowrank_split
 
 # Buffers that stay float32 through dtype casts of the module (QuantLinear._apply).
@@ -236,39 +237,38 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float("x", x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x has {x.shape[-1]} features in its last dim, "
-                             f"expected in_features={self.in_features}")
+        if not x.dim() or x.shape[-1] != self.in_features:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., "
+                             f"in_features={self.in_features}]")
         if x.device != self._buffers["qweight"].device:
             raise ValueError(f"x is on {x.device} but the QuantLinear weights are on "
                              f"{self.qweight.device}; move one of them")
         cfg = self.config
         buf = self._buffers  # read directly: Module.__getattr__ costs µs per buffer per call
-        x2 = x.reshape(-1, self.in_features)
+        flat = x.dim() == 2  # no reshapes then (µs each)
+        x2 = x if flat else x.reshape(-1, self.in_features)
         w8 = buf.get("qweight_int8")
         int8 = w8 is not None
-        # The operators directly: the buffers were validated when built or loaded (perm read
-        # back once there), so the hot path checks only x, above.
-        xq, xs = torch.ops.clq_triton.rotate_quantize(x2, buf["perm"], buf["channel_shift"],
-                                                      buf["channel_scale"], cfg.hadamard_block,
-                                                      cfg.group_size, cfg.a_bits,
-                                                      float(cfg.a_clip), not int8,
-                                                      self._perm_runs)
+        # The operators directly (their implementations in plain eager calls): the buffers
+        # were validated when built or loaded (perm read back once there), so the hot path
+        # checks only x, above.
+        xq, xs = rotate_quantize_op(x2, buf["perm"], buf["channel_shift"], buf["channel_scale"],
+                                    cfg.hadamard_block, cfg.group_size, cfg.a_bits,
+                                    float(cfg.a_clip), not int8, self._perm_runs)
         wd = buf.get("weight_dequantized")
         if wd is not None and not use_triton(xq):
             # int8 operands: the activation codes came unpacked (int8), whatever a_bits is
             y = dequantized_matmul(xq, xs, wd, buf["bias"], 8 if int8 else cfg.a_bits, x.dtype)
         elif int8:
-            y = torch.ops.clq_triton.quant_matmul(xq, xs, w8, buf["wscale"], None,
-                                                  buf["bias"], 8, 8, cfg.group_size, x.dtype)
+            y = quant_matmul_op(xq, xs, w8, buf["wscale"], None, buf["bias"], 8, 8,
+                                cfg.group_size, x.dtype)
         else:
-            y = torch.ops.clq_triton.quant_matmul(xq, xs, buf["qweight"], buf["wscale"],
-                                                  buf["wgroup"], buf["bias"], cfg.a_bits,
-                                                  cfg.w_bits, cfg.group_size, x.dtype)
+            y = quant_matmul_op(xq, xs, buf["qweight"], buf["wscale"], buf["wgroup"], buf["bias"],
+                                cfg.a_bits, cfg.w_bits, cfg.group_size, x.dtype)
         down = buf["lowrank_down"]
         if down is not None:
             y = torch.addmm(y, x2 @ down.to(x.dtype), buf["lowrank_up"].to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         """Module.to / .half() / .bfloat16() / .cuda() …: moves every buffer, but the float32

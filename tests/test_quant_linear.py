@@ -1,9 +1,13 @@
+import contextlib
 import copy
 import json
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clq_triton import QuantConfig, QuantLinear
 from helpers import explicit_rotation
@@ -194,6 +198,82 @@ def test_errors(gen):
         QuantLinear.from_linear(bad, QuantConfig())
     with pytest.raises(TypeError, match="nn.Linear"):
         QuantLinear.from_linear(nn.Conv1d(4, 4, 1), QuantConfig())
+
+
+class _OpsSeen(TorchFunctionMode):
+    """Records the package's operators called through ``torch.ops`` (a direct call of their
+    implementations, the eager fast path, records none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("clq_triton."):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_eager_calls_skip_the_dispatcher_only_where_they_may(monkeypatch, group, gen):
+    """A plain eager call runs the operators' implementations directly (~20 µs of dispatch
+    each saved); an input that needs a gradient, an active dispatch mode, torch.jit.trace and
+    ``CLQ_DIRECT_OPS=0`` go through ``torch.ops`` (torch.compile's tracing too:
+    tests/test_torch_ops.py). Every route gives the same output, bit for bit."""
+    from clq_triton.kernels import _runtime
+
+    q = QuantLinear.from_linear(_linear(128, 32, gen), QuantConfig(group_size=group))
+    x = torch.randn(2, 3, 128, generator=gen)
+    both = ["clq_triton.rotate_quantize", "clq_triton.quant_matmul"]
+
+    def call(x):
+        seen = _OpsSeen()
+        with seen:
+            y = q(x)
+        return seen.ops, y.detach()
+
+    ops, want = call(x)
+    assert ops == []
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(q, x, check_trace=False)  # the operators, not their insides
+    assert {"clq_triton::rotate_quantize", "clq_triton::quant_matmul"} <= {
+        n.kind() for n in traced.graph.nodes()}
+    assert torch.equal(traced(x), want)
+    for route in ("grad", "mode", "off"):
+        if route == "off":
+            monkeypatch.setattr(_runtime, "DIRECT_OPS", False)
+        with _PassThrough() if route == "mode" else contextlib.nullcontext():
+            ops, y = call(x.clone().requires_grad_() if route == "grad" else x)
+        # the codes need no gradient: the GEMM of a "grad" call is a plain one
+        assert ops == (both[:1] if route == "grad" else both), route
+        assert torch.equal(y, want), route
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_forward_checks_x_on_every_route(monkeypatch, direct, gen):
+    """The hot path trusts the layer's buffers (checked when built or loaded) but not x: a
+    wrong dtype, feature count, rank or device is a clear error, with or without the
+    dispatcher, before anything runs."""
+    from clq_triton.kernels import _runtime
+
+    monkeypatch.setattr(_runtime, "DIRECT_OPS", direct)
+    q = QuantLinear.from_linear(_linear(64, 16, gen), QuantConfig())
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32, got torch.int32"):
+        q(torch.ones(2, 64, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        q([[0.0] * 64])
+    for bad in (torch.randn(2, 32), torch.randn(64, 2), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"x has shape .*expected \[\.\.\., in_features=64"):
+            q(bad)
+    with pytest.raises(ValueError, match="x is on meta but the QuantLinear weights are on cpu"):
+        q(torch.randn(2, 64, device="meta"))
+    assert q(torch.randn(3, 64, generator=gen).bfloat16()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kw, match", [

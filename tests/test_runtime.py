@@ -96,6 +96,25 @@ def test_device_guard_is_a_no_op_on_the_cpu():
         pass
 
 
+def test_device_guard_switches_only_to_another_gpu(monkeypatch):
+    """Without a GPU: a tensor on the current device needs no switch; one on another device
+    gets torch.cuda.device of its index."""
+
+    class OnGpu:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _runtime.device_guard(OnGpu(1)) is _runtime.device_guard(torch.zeros(1))  # no-op
+    guard = _runtime.device_guard(OnGpu(0))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 0
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_layer_on_the_second_gpu_runs_there_while_the_first_is_current():
     from clq_triton import QuantConfig, QuantLinear
@@ -111,3 +130,21 @@ def test_a_layer_on_the_second_gpu_runs_there_while_the_first_is_current():
     got = q(x.to("cuda:1"))
     assert got.device == torch.device("cuda:1")
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_direct_calls_keep_their_operator_names_in_the_profiler():
+    """Eager calls skip the dispatcher (define_op) but not the profiler: each records an event
+    named as the operator (bench/profile_forward.py counts the quantized calls and their host
+    time by these names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from clq_triton import QuantConfig, QuantLinear
+
+    q = QuantLinear.from_linear(torch.nn.Linear(128, 32), QuantConfig())
+    x = torch.randn(3, 128)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        q(x)
+        q(x)
+    names = [e.name for e in prof.events()]
+    assert names.count("clq_triton::rotate_quantize") == 2
+    assert names.count("clq_triton::quant_matmul") == 2

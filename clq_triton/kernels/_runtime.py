@@ -5,9 +5,12 @@ interpreter is on (``TRITON_INTERPRET=1``, used by the test suite). Otherwise it
 plain-PyTorch reference beside the kernel. The backend can be forced: ``"torch"`` runs the
 reference everywhere, ``"triton"`` the kernel (failing loudly where it cannot run).
 
-The environment is read once, at import (``CLQ_BACKEND``, ``TRITON_INTERPRET``); change the
-choice later with :func:`set_backend` or the :func:`backend` context manager. Nothing on the
-hot path reads the environment.
+The environment is read once, at import (``CLQ_BACKEND``, ``TRITON_INTERPRET``,
+``CLQ_DIRECT_OPS``); change the backend later with :func:`set_backend` or the :func:`backend`
+context manager. Nothing on the hot path reads the environment.
+
+Eager calls of the package's operators skip the dispatcher (:func:`define_op`);
+``CLQ_DIRECT_OPS=0`` sends every call through ``torch.ops`` instead.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import contextlib
 import os
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "torch", "triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DIRECT_OPS = os.environ.get("CLQ_DIRECT_OPS", "1") not in ("", "0")
 
 
 def _checked(choice: str) -> str:
@@ -70,27 +75,61 @@ def use_triton(t: torch.Tensor) -> bool:
     return _backend == "triton"
 
 
+_NO_GUARD = contextlib.nullcontext()  # reentrant: one for every call
+
+
 def device_guard(t: torch.Tensor):
     """The context to launch a kernel on ``t``'s data in: its CUDA device made current
     (Triton launches on the current device, whatever device the pointers belong to: on a
-    model spread over GPUs that reads another GPU's memory or crashes); a no-op on the CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    model spread over GPUs that reads another GPU's memory or crashes); a no-op on the CPU
+    and where that device is current already (the usual case: a few µs per launch saved)."""
+    if not t.is_cuda:
+        return _NO_GUARD
+    index = t.get_device()
+    return _NO_GUARD if index == torch.cuda.current_device() else torch.cuda.device(index)
 
 
 _LIB = torch.library.Library("clq_triton", "DEF")  # the package's operators
 
 
-def define_op(schema: str, impl, fake) -> None:
+def define_op(schema: str, impl, fake):
     """Define the operator ``torch.ops.clq_triton.<name>`` from its ``schema`` ("name(Tensor
     x, ...) -> ..."), with ``impl`` as its kernel on every backend and ``fake`` for meta and
     fake tensors (torch.compile, CUDA-graph capture). The low-level ``torch.library`` API:
     the same operator as ``@torch.library.custom_op`` makes, at about half its dispatch cost
     per call (bench/test_bench_model.py::test_host_overhead). No autograd formula
-    (inference only)."""
+    (inference only).
+
+    Returns the function to call it with: ``impl`` itself for a plain eager call
+    (:func:`direct_call`: ~20 µs of dispatch saved), the operator otherwise."""
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"clq_triton::{name}", fake, lib=_LIB)
+    op = getattr(torch.ops.clq_triton, name)
+    label = f"clq_triton::{name}"
+
+    def call(x, *args):
+        if not direct_call(x):
+            return op(x, *args)
+        if torch.autograd._profiler_enabled():  # the operator's name, as dispatch records it
+            with torch.profiler.record_function(label):
+                return impl(x, *args)
+        return impl(x, *args)
+
+    return call
+
+
+def direct_call(x: torch.Tensor) -> bool:
+    """Whether an operator call on ``x`` may run its implementation directly, skipping the
+    dispatcher: outside torch.compile's tracing (checked first: dynamo folds it) and
+    torch.jit.trace's, on a plain tensor (not a FakeTensor or other subclass) that needs no
+    gradient, with no dispatch mode active (FakeTensorMode, make_fx, ...), and unless
+    ``CLQ_DIRECT_OPS=0``. What the dispatcher would do then is to run the implementation
+    (CompositeExplicitAutograd)."""
+    return (not torch.compiler.is_compiling() and DIRECT_OPS and type(x) is torch.Tensor
+            and not x.requires_grad and not is_in_torch_dispatch_mode()
+            and not torch.jit.is_tracing())
 
 
 def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
@@ -135,7 +174,8 @@ def aligned(t: torch.Tensor | None, rows: bool = False) -> torch.Tensor | None:
     lets loads vectorize — else an aligned contiguous copy (None stays None)."""
     if t is None:
         return None
-    if t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and not (rows and t.stride(0) % 16):
+    strides = t.stride()
+    if t.data_ptr() % 16 == 0 and strides[-1] == 1 and not (rows and strides[0] % 16):
         return t
     c = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
     assert c.data_ptr() % 16 == 0, "torch allocations are 16-byte aligned"

@@ -297,8 +297,9 @@ def quant_matmul(
 ) -> torch.Tensor:
     """W{w_bits}A{a_bits} GEMM; see the module docstring for layouts. Returns y [M, N].
 
-    Without ``out`` this calls the operator ``torch.ops.clq_triton.quant_matmul``; ``out`` =
-    a preallocated contiguous [M, N] tensor of ``out_dtype`` to write into (eager only)."""
+    Without ``out`` this calls the operator ``torch.ops.clq_triton.quant_matmul`` (its
+    implementation directly in plain eager calls: ``_runtime.define_op``); ``out`` = a
+    preallocated contiguous [M, N] tensor of ``out_dtype`` to write into (eager only)."""
     check_bit_pair(w_bits, a_bits)
     if xq.dim() != 2 or wq.dim() != 2:
         raise ValueError(f"xq and wq must be 2-D, got {tuple(xq.shape)} and {tuple(wq.shape)}")
@@ -331,8 +332,7 @@ def quant_matmul(
         raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     check_same_device(xq=xq, xs=xs, wq=wq, ws=ws, wz=wz, bias=bias, out=out)
     if out is None:
-        return torch.ops.clq_triton.quant_matmul(xq, xs, wq, ws, wz, bias, a_bits, w_bits,
-                                                 group_size, out_dtype)
+        return quant_matmul_op(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out_dtype)
     check_out("out", out, (m, n), out_dtype, xq.device)
     _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out)
     return out
@@ -350,9 +350,11 @@ def _quant_matmul_fake(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, out
     return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
 
 
-define_op("quant_matmul(Tensor xq, Tensor xs, Tensor wq, Tensor ws, Tensor? wz, Tensor? bias, "
-          "int a_bits, int w_bits, int? group_size, ScalarType out_dtype) -> Tensor",
-          _quant_matmul_op, _quant_matmul_fake)
+# torch.ops.clq_triton.quant_matmul, or its implementation for plain eager calls
+quant_matmul_op = define_op(
+    "quant_matmul(Tensor xq, Tensor xs, Tensor wq, Tensor ws, Tensor? wz, Tensor? bias, "
+    "int a_bits, int w_bits, int? group_size, ScalarType out_dtype) -> Tensor",
+    _quant_matmul_op, _quant_matmul_fake)
 
 
 def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
@@ -365,20 +367,28 @@ def _compute(xq, xs, wq, ws, wz, bias, a_bits, w_bits, group_size, c) -> None:
     if m == 0 or n == 0:
         return
     # the specialization contract (ALIGNED): copies only for odd views, never for our buffers
-    a8, b8 = aligned(xq, rows=True).view(torch.int8), aligned(wq, rows=True).view(torch.int8)
+    a8, b8 = aligned(xq, rows=True), aligned(wq, rows=True)
+    a8 = a8 if a8.dtype == torch.int8 else a8.view(torch.int8)
+    b8 = b8 if b8.dtype == torch.int8 else b8.view(torch.int8)
     xs, ws, wz = aligned(xs), aligned(ws), aligned(wz)
-    bias = aligned(bias.float()) if bias is not None else None  # one pointer type: *fp32
+    if bias is not None:  # one pointer type: *fp32
+        bias = aligned(bias if bias.dtype == torch.float32 else bias.float())
     # placeholders of the signature's pointer types (never read: flags / GROUP say so)
-    bias_arg = bias if bias is not None else ws
-    wz_arg = wz if wz is not None else b8.view(torch.uint8)
+    args = (a8, xs, b8, wz if wz is not None else b8.view(torch.uint8), ws,
+            bias if bias is not None else ws, c, m, n, k, a8.stride(0), xs.stride(0),
+            b8.stride(0), wz.stride(0) if wz is not None else 0, c.stride(0), bias is not None)
+    asm = not interpreter_on()
 
     def launch(cfg):
         grid = ((-(-m // cfg.BM)) * (-(-n // cfg.BN)),)  # not triton.cdiv: µs per call
-        _quant_matmul_kernel[grid](
-            a8, xs, b8, wz_arg, ws, bias_arg, c, m, n, k,
-            a8.stride(0), xs.stride(0), b8.stride(0), wz.stride(0) if wz is not None else 0,
-            c.stride(0), bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **constexprs(a_bits, w_bits, group_size, cfg, not interpreter_on()))
+        _quant_matmul_kernel[grid](*args, **_launch_kwargs(a_bits, w_bits, group_size, cfg, asm))
 
     with device_guard(xq):
         launch(_config(xq, m, n, k, a_bits, w_bits, group_size, launch))
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_kwargs(a_bits, w_bits, group_size, cfg, asm) -> dict:
+    """The keyword arguments of a launch with ``cfg``: constexprs, warps, stages (cached)."""
+    return dict(constexprs(a_bits, w_bits, group_size, cfg, asm), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -433,44 +434,81 @@ def _split_spans(programs: int, device: torch.device) -> bool:
     return programs < (_sm_count(device) if device.type == "cuda" else 2)
 
 
+class _LaunchPlan(NamedTuple):
+    """Everything a launch needs that does not depend on M (:func:`_launch_plan`)."""
+    bm: int  # rows per row block
+    span: int  # columns per scale (K per token)
+    n_tiles: int  # K / T
+    n_spans: int  # K / span
+    wide_spans: bool  # spans wider than the tile: one launch per span or two per tile
+    one: tuple  # the keyword arguments (constexprs, num_warps) of each launch: one launch
+    split: tuple  # ... and the two launches of split spans (empty where tiles hold groups)
+    h: torch.Tensor | None  # the ±1 tile, None without a rotation
+    scalars: tuple  # scale_mult, h_norm, qmax
+    flags: tuple  # has_perm, perm_runs8, has_sh, has_cs, packed, butterfly
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(planner, interpreter, dtype, device, k, block, group, bits, clip, packed, runs8,
+                 has_perm, has_sh, has_cs) -> _LaunchPlan:
+    """The launch settings of one layer's calls, built on its first call and kept (tens of µs
+    of Python per call otherwise): ``planner`` (the module's :func:`plan`) for each launch,
+    the ±1 tile (built ahead by :func:`prepare`), the scalar arguments. ``planner`` and
+    ``interpreter`` are in the key so that an override of :func:`plan` (bench/rotate_probe.py,
+    which clears this cache when it changes its settings) or of the interpreter flag (the
+    benchmarks' stubs) never meets a plan made without it."""
+    del interpreter  # plan() reads it
+    prescaled = has_sh or has_cs
+    p = planner(dtype, block, group, prescaled)
+    c = p["constexprs"]
+    span = k if group is None else group
+    wide = not c["TILE_GROUP"]
+
+    def kwargs(phase):
+        q = planner(dtype, block, group, prescaled, phase) if phase else p
+        return dict(q["constexprs"], num_warps=p["num_warps"])
+
+    return _LaunchPlan(
+        bm=c["BM"], span=span, n_tiles=k // c["T"], n_spans=k // span,
+        wide_spans=wide, one=(kwargs(0),), split=(kwargs(1), kwargs(2)) if wide else (),
+        h=_hadamard_tile(c["T"] // 2, p["h_block"], device) if c["ROT"] else None,
+        scalars=(scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"]
+                 else 1.0, float(qmax_for(bits))),
+        flags=(has_perm, runs8, has_sh, has_cs, storage_bits(bits, packed) == 4,
+               p["butterfly"]))
+
+
 def _launch(x2, perm, block, group, bits, clip, q, s, channel_shift, channel_scale, packed,
             perm_runs):
-    m, k = x2.shape
-    prescaled = channel_shift is not None or channel_scale is not None
     if block is not None and block > MAX_KERNEL_BLOCK:
         x2 = _shift_and_scale(x2, channel_shift, channel_scale)
         if perm is not None:
             x2 = x2[:, perm.long()]
         x2 = apply_outer_hadamard(x2, block, MAX_KERNEL_BLOCK)
         perm = channel_shift = channel_scale = None
-        prescaled = False
-    p = plan(x2.dtype, block, group, prescaled)
-    c = p["constexprs"]
-    # placeholders of the signature's pointer types (never read: flags / ROT / PHASE say so)
-    h = _hadamard_tile(c["T"] // 2, p["h_block"], x2.device) if c["ROT"] else s
-    span = k if group is None else group
-    n_row_blocks = -(-m // c["BM"])  # not triton.cdiv: a jit-level call, µs per launch
-    phases, n_cols, partial = (0,), k // c["T"], s
-    if not c["TILE_GROUP"]:
-        if _split_spans(n_row_blocks * (k // span), x2.device):
-            phases = (1, 2)
-            partial = torch.empty((m, k // c["T"]), dtype=torch.float32, device=x2.device)
+    m, k = x2.shape
+    device = x2.device
+    lp = _launch_plan(plan, interpreter_on(), x2.dtype, device, k, block, group, bits, clip,
+                      packed, perm_runs == PERM_RUN, perm is not None,
+                      channel_shift is not None, channel_scale is not None)
+    n_row_blocks = -(-m // lp.bm)  # not triton.cdiv: a jit-level call, µs per launch
+    launches, n_cols, partial = lp.one, lp.n_tiles, s
+    if lp.wide_spans:
+        if _split_spans(n_row_blocks * lp.n_spans, device):
+            launches = lp.split
+            partial = torch.empty((m, lp.n_tiles), dtype=torch.float32, device=device)
         else:
-            n_cols = k // span
-    grid = (min(n_row_blocks, max(1, _programs_per_column(x2.device) // n_cols)), n_cols)
-    for phase in phases:
-        cp = plan(x2.dtype, block, group, prescaled, phase)["constexprs"] if phase else c
-        _rotate_quantize_kernel[grid](
-            x2, perm if perm is not None else s.view(torch.int32),
+            n_cols = lp.n_spans
+    grid = (min(n_row_blocks, max(1, _programs_per_column(device) // n_cols)), n_cols)
+    # placeholders of the signature's pointer types (never read: flags / ROT / PHASE say so)
+    args = (x2, perm if perm is not None else s.view(torch.int32),
             channel_shift if channel_shift is not None else s,
             channel_scale if channel_scale is not None else s,
-            h, q.view(torch.uint8), s, partial, m, span, x2.stride(0), q.stride(0), s.stride(0),
-            partial.stride(0),
-            scale_multiplier(bits, clip), 1.0 / math.sqrt(p["block"]) if p["block"] else 1.0,
-            float(qmax_for(bits)), n_row_blocks, perm is not None, perm_runs == PERM_RUN,
-            channel_shift is not None, channel_scale is not None,
-            storage_bits(bits, packed) == 4, p["butterfly"], num_warps=p["num_warps"], **cp,
-        )
+            lp.h if lp.h is not None else s, q if q.dtype == torch.uint8 else q.view(torch.uint8),
+            s, partial, m, lp.span, x2.stride(0), q.stride(0), s.stride(0), partial.stride(0),
+            *lp.scalars, n_row_blocks, *lp.flags)
+    for kwargs in launches:
+        _rotate_quantize_kernel[grid](*args, **kwargs)
 
 
 def _check_channel_vector(name: str, v: torch.Tensor | None, k: int) -> None:
@@ -535,9 +573,11 @@ def _rotate_quantize_fake(x, perm, channel_shift, channel_scale, block, group_si
             x.new_empty(s_shape, dtype=torch.float32))
 
 
-define_op("rotate_quantize(Tensor x, Tensor? perm, Tensor? channel_shift, Tensor? channel_scale, "
-          "int? block, int? group_size, int bits, float clip, bool packed=True, "
-          "int perm_runs=1) -> (Tensor, Tensor)", _rotate_quantize_op, _rotate_quantize_fake)
+# torch.ops.clq_triton.rotate_quantize, or its implementation for plain eager calls
+rotate_quantize_op = define_op(
+    "rotate_quantize(Tensor x, Tensor? perm, Tensor? channel_shift, Tensor? channel_scale, "
+    "int? block, int? group_size, int bits, float clip, bool packed=True, "
+    "int perm_runs=1) -> (Tensor, Tensor)", _rotate_quantize_op, _rotate_quantize_fake)
 
 
 def rotate_quantize(
@@ -565,7 +605,8 @@ def rotate_quantize(
       q: 4 bits → uint8 [M, K/2], split-halves packing (kernels.formats); 8 bits, or 4 bits
          with ``packed=False`` (codes in [-7, 7], int8 tensor-core operands) → int8 [M, K];
       scales: float32 [M, K/group_size] or [M, 1]; NaN for groups holding NaN/Inf.
-    Without ``out`` this calls the operator ``torch.ops.clq_triton.rotate_quantize``;
+    Without ``out`` this calls the operator ``torch.ops.clq_triton.rotate_quantize`` (its
+    implementation directly in plain eager calls: ``_runtime.define_op``);
     ``out`` = preallocated (q, scales) to write into (eager only). ``check_perm_values=False``
     skips the check that ``perm`` is a permutation (it reads perm back: a device sync); only
     for a perm validated before, as QuantLinear does. ``perm_runs``: 8 when ``perm`` moves
@@ -593,9 +634,8 @@ def rotate_quantize(
     check_same_device(x=x, perm=perm, channel_shift=channel_shift, channel_scale=channel_scale)
     scale_multiplier(bits, clip)  # validates clip
     if out is None:
-        return torch.ops.clq_triton.rotate_quantize(x, perm, channel_shift, channel_scale, block,
-                                                    group_size, bits, float(clip), packed,
-                                                    perm_runs)
+        return rotate_quantize_op(x, perm, channel_shift, channel_scale, block, group_size, bits,
+                                  float(clip), packed, perm_runs)
     q, s = out
     q_shape, q_dtype, s_shape = _output_shapes(x, group_size, bits, packed)
     check_out("out[0]", q, q_shape, q_dtype, x.device)
