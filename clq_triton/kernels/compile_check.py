@@ -285,9 +285,10 @@ def spill_checked(job: Job) -> bool:
 # K loop may issue at most this many warp instructions per 64×128×32 tensor-core
 # instruction's worth of MACs (sass.instructions_per_gmma), by group size (0: per channel).
 # ~64 is what four schedulers issue while the tensor cores work; the 4-bit GEMM of 98f3547
-# unpacked nibbles byte by byte: 149 per channel, 334 at group 64 (triton 3.9); e1eea9d: 21 and
-# 155 (3.9), 19.5 and 169 (3.6).
-GEMM_PER_GMMA_LIMIT = {0: 50, 64: 180, 128: 100, 256: 70}
+# unpacked nibbles byte by byte: 149 per channel, 334 at group 64 (triton 3.9); e1eea9d's
+# table tiles: at most 52.5 per channel (64×128×64, small M) and 158 at group 64 under 3.9,
+# 53.5 and 171.5 under 3.6.
+GEMM_PER_GMMA_LIMIT = {0: 60, 64: 190, 128: 110, 256: 70}
 
 
 def gemm_gated(job: Job) -> bool:
