@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .calibrate import calibrate
 from .capture import CalibrationData
 from .config import QuantConfig
-from .fold import fold_permutations
+from .fold import fold_permutations, unproven_mlps
 from .fuse import fuse_projections as fuse_model_projections
 from .kernels.formats import check_k
 from .methods import Method, method_config
@@ -41,6 +41,7 @@ class PatchReport:
     clps_depths: dict[str, int] = field(default_factory=dict)  # CLQ(clps_target="depth")
     fused: list[str] = field(default_factory=list)  # layers made by fuse_projections=True
     folded: list[str] = field(default_factory=list)  # input permutation moved (clq_triton.fold)
+    unfolded: dict[str, str] = field(default_factory=dict)  # MLPs not known exact → why
 
     @property
     def weight_ratio(self) -> float:
@@ -55,7 +56,9 @@ class PatchReport:
     def summary(self) -> str:
         """str(self), then one line per skipped layer with the reason."""
         return "\n".join([str(self)] + [f"  kept in full precision: {n} ({why})"
-                                         for n, why in self.skipped.items()])
+                                         for n, why in self.skipped.items()]
+                         + [f"  permutation not folded: {n} ({why})"
+                            for n, why in self.unfolded.items()])
 
 
 def _inside_block_list(name: str, model: nn.Module) -> bool:
@@ -129,7 +132,9 @@ def patch(
 
     The input permutation of each MLP's second layer (CLQ's OBS) is then moved into the first
     layer's output rows (:func:`clq_triton.fold.fold_permutations`, exact), so that its
-    activation pass reads the input in order; listed in ``PatchReport.folded``.
+    activation pass reads the input in order; listed in ``PatchReport.folded``. Only
+    diffusers' own ``FeedForward`` with its own activations is folded; other MLPs of that
+    shape keep the permutation, listed with the reason in ``PatchReport.unfolded``.
 
     All or nothing: if quantizing any layer fails, every layer replaced so far is put back
     and the error is raised. A model that already holds QuantLinears is refused (patching
@@ -195,6 +200,7 @@ def patch(
                 quantized[name] = QuantLinear.from_linear(lin, cfg)
                 originals.install(name, lin, quantized[name])
         report.folded = fold_permutations(model)
+        report.unfolded = unproven_mlps(model)
     except BaseException:
         originals.rollback()
         raise
