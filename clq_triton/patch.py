@@ -112,7 +112,10 @@ def patch(
 ) -> PatchReport:
     """Quantize ``model`` in place: every eligible nn.Linear becomes a QuantLinear.
 
-    config: a QuantConfig, or "w4a4" | "w4a8" | "w8a8" for its defaults.
+    config: a QuantConfig, or "w4a4" | "w4a8" | "w8a8" for its defaults. Its ``lowrank``
+      gives every layer a low-rank branch, whatever the method; a method's own rank
+      (``CLQ(lowrank=r)``, ``SVDQuant(rank=r)``) does too, and the two disagreeing is an
+      error (:meth:`Method.with_rank`); clamped to min(N, K) per layer.
     method: a method config from :mod:`clq_triton.methods` — ``CLQ(...)``,
       ``SmoothQuant(alpha)``, ``QuaRot()``, ``RTN()``, ``Hadamard()`` — or its name for the
       defaults. Default: ``CLQ()`` when ``calibration`` is given, else ``Hadamard()``.
@@ -158,6 +161,7 @@ def patch(
             "it was patched before, and patching again would mix two configs in one model; "
             "patch the full-precision model, or load a saved one with "
             "clq_triton.load_quantized")
+    layer_base = method.with_rank(config)  # the low-rank rule, checked before any work
     report = PatchReport(method=method, config=config)
     if fuse_projections:
         report.fused = fuse_model_projections(model)
@@ -174,7 +178,8 @@ def patch(
                 raise ValueError(f"{name}: {e}") from None
             report.skipped[name] = str(e)
             continue
-        todo.append((name, lin, method.layer_config(config, k)))
+        cfg = method.layer_config(layer_base, k)
+        todo.append((name, lin, cfg.replace(lowrank=min(cfg.lowrank, k, lin.out_features))))
     if report.skipped:
         shown = ", ".join(f"{n} ({why})" for n, why in list(report.skipped.items())[:5])
         more = len(report.skipped) - 5
