@@ -127,11 +127,17 @@ def load_pipeline(model_id: str, timer):
     return pipe
 
 
-def generate(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
+CALIB_SEED = 1  # calibration prompt i starts from the noise of seed CALIB_SEED + i
+
+
+def generate(pipe, prompts: list[str], steps: int, seed: int | list[int]) -> torch.Tensor:
     """Images float [B, 3, H, W] in [0, 1] (first frame for video pipelines). For
-    class-conditional DiT pipelines the prompts are ImageNet class ids."""
+    class-conditional DiT pipelines the prompts are ImageNet class ids. ``seed``: one
+    generator for the batch, or a list: one per prompt (its noise does not depend on the
+    batch it is in)."""
     device = pipe.transformer.device
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = ([torch.Generator(device).manual_seed(s) for s in seed] if isinstance(seed, list)
+           else torch.Generator(device).manual_seed(seed))
     if type(pipe).__name__ == "DiTPipeline":
         out = pipe(class_labels=[int(p) for p in prompts], num_inference_steps=steps,
                    generator=gen, output_type="np")
@@ -147,13 +153,18 @@ def calibrate_pipeline(pipe, prompts, steps, samples, timer, batch=None):
     """Calibration samples from the pipeline on ``prompts``, in batches of ``batch`` prompts
     (all in one by default), ``samples`` spread over each batch's sampler steps (one
     transformer call per step: diffusers batches classifier-free guidance). Under torchrun /
-    accelerate launch the batches are dealt over the processes (clq_triton.distributed)."""
+    accelerate launch the batches are dealt over the processes (clq_triton.distributed).
+    Prompt i starts from the noise of seed ``CALIB_SEED + i`` whatever its batch and
+    process."""
     from .distributed import capture_sharded
 
     batch = batch or len(prompts)
-    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-    data = capture_sharded(pipe.transformer, lambda b: generate(pipe, b, steps, seed=1), batches,
-                           max_samples=samples, calls=steps)
+    numbered = list(enumerate(prompts))
+    batches = [numbered[i:i + batch] for i in range(0, len(prompts), batch)]
+    data = capture_sharded(
+        pipe.transformer, lambda b: generate(pipe, [p for _, p in b], steps,
+                                             seed=[CALIB_SEED + i for i, _ in b]),
+        batches, max_samples=samples, calls=steps)
     timer.lap(f"captured {len(data)} calibration steps")
     return data
 
