@@ -10,6 +10,11 @@ the two: the first called runs the shared layer, the other takes its slice of th
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
+import warnings
+
 import torch
 from torch import nn
 
@@ -120,6 +125,71 @@ def _fused(module: nn.Module) -> bool:
     return getattr(module, "fused_projections", False)
 
 
+def reads_fused(processor) -> bool:
+    """Whether an attention ``processor`` computes q/k/v with the fused layer once its
+    attention is fused: diffusers' ``Fused*`` processors, and those whose ``__call__``
+    dispatches on ``attn.fused_projections`` itself or through a helper of its module
+    (FLUX's and Wan's ``_get_qkv_projections``). Others (LTX-Video's) call ``to_q`` /
+    ``to_k`` / ``to_v`` whatever the fusion."""
+    cls = type(processor)
+    if cls.__name__.startswith("Fused"):
+        return True
+    try:
+        src = inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return False
+    module = sys.modules.get(cls.__module__)
+    helpers = [getattr(module, f, None) for f in re.findall(r"\b(_\w+)\(", src)]
+    return "fused_projections" in src or any(
+        inspect.isfunction(f) and "fused_projections" in inspect.getsource(f) for f in helpers)
+
+
+def _unfuse(module: nn.Module) -> None:
+    """Drop the fused layers diffusers added to ``module`` (its unfused ones are still there)."""
+    for new in _REPLACED:
+        if isinstance(getattr(module, new, None), nn.Linear):
+            delattr(module, new)
+    module.fused_projections = False
+
+
+def _cannot_unfuse(*args, **kwargs):
+    raise RuntimeError(
+        "clq_triton fused this model's projections and dropped the unfused layers "
+        "(to_q, to_k, to_v, ...), so they cannot be unfused; load the model again for "
+        "unfused projections")
+
+
+class FusionUndo:
+    """What :func:`fuse_projections` may change in ``model`` (each module's children,
+    processor and flags), put back by :meth:`restore`; the layers it drops wait on the CPU
+    (:meth:`offload`) so that a GPU holds one copy of the projections."""
+
+    def __init__(self, model: nn.Module):
+        self._saved = [(m, dict(m._modules), {k: v for k, v in vars(m).items()
+                                               if not k.startswith("_")})
+                       for m in model.modules()]
+        self._model, self._moved = model, []
+
+    def offload(self) -> None:
+        live = set(map(id, self._model.modules()))
+        for _, children, _ in self._saved:
+            for child in children.values():
+                if child is not None and id(child) not in live and \
+                        not any(c is child for c, _ in self._moved):
+                    device = next(iter(child.parameters()), torch.empty(0)).device
+                    self._moved.append((child.to("cpu"), device))
+
+    def restore(self) -> None:
+        for child, device in self._moved:
+            child.to(device)
+        for m, children, attrs in self._saved:
+            m._modules.clear()
+            m._modules.update(children)
+            for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+                delattr(m, k)
+            vars(m).update(attrs)
+
+
 def is_fused(model: nn.Module) -> bool:
     """Whether any attention module of ``model`` runs fused projections."""
     return any(_fused(m) for m in model.modules())
@@ -142,30 +212,36 @@ def fuse_projections(model: nn.Module, shared_inputs: bool = True) -> list[str]:
     Uses the model's ``fuse_qkv_projections()`` where it has one (PixArt, SD3, FLUX,
     CogVideoX, …); elsewhere every ``Attention`` running diffusers' default processor
     (``AttnProcessor2_0``, e.g. DiT's) is fused and given ``FusedAttnProcessor2_0``. Models
-    with neither are left as they are (an empty list), and so is a model that is already
-    fused (in part or whole)."""
+    with neither are left as they are (an empty list). A model already fused (by diffusers'
+    ``fuse_qkv_projections()``) only loses its unused unfused layers. An attention whose
+    processor does not read the fused layer (:func:`reads_fused`, e.g. LTX-Video's) is left
+    unfused, with a warning. The model's ``unfuse_qkv_projections()`` then raises (the
+    unfused layers are gone)."""
     from diffusers.models.attention_processor import (
         Attention,
         AttnProcessor2_0,
         FusedAttnProcessor2_0,
     )
 
-    if is_fused(model):
-        return []
-    if callable(getattr(model, "fuse_qkv_projections", None)):
-        model.fuse_qkv_projections()
-    else:
-        for m in model.modules():
-            if isinstance(m, Attention) and type(m.processor) is AttnProcessor2_0:
-                m.fuse_projections()
-                m.set_processor(FusedAttnProcessor2_0())
-    names = []
+    if not is_fused(model):
+        if callable(getattr(model, "fuse_qkv_projections", None)):
+            model.fuse_qkv_projections()
+        else:
+            for m in model.modules():
+                if isinstance(m, Attention) and type(m.processor) is AttnProcessor2_0:
+                    m.fuse_projections()
+                    m.set_processor(FusedAttnProcessor2_0())
+    names, unfused = [], set()
     for name, m in model.named_modules():
         if not _fused(m):
             continue
+        if not reads_fused(getattr(m, "processor", None)):
+            _unfuse(m)
+            unfused.add(type(m.processor).__name__)
+            continue
         for new, old in _REPLACED.items():
             lin = getattr(m, new, None)
-            if isinstance(lin, nn.Linear):
+            if isinstance(lin, nn.Linear) and any(hasattr(m, o) for o in old):  # not yet done
                 names.append(f"{name}.{new}" if name else new)
                 parts = tuple(getattr(m, o).out_features for o in old
                               if isinstance(getattr(m, o, None), nn.Linear))
@@ -174,6 +250,11 @@ def fuse_projections(model: nn.Module, shared_inputs: bool = True) -> list[str]:
                 for o in old:
                     if hasattr(m, o):
                         delattr(m, o)
+    if unfused:
+        warnings.warn(f"fuse_projections: attention modules with {sorted(unfused)} compute "
+                      "q/k/v from the unfused layers: left unfused", stacklevel=3)
     if shared_inputs:
         _share_block_inputs(model, names)
+    if names:
+        model.unfuse_qkv_projections = _cannot_unfuse
     return names

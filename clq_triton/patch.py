@@ -14,6 +14,7 @@ from .calibrate import calibrate
 from .capture import CalibrationData
 from .config import QuantConfig
 from .fold import fold_permutations, unproven_mlps
+from .fuse import FusionUndo, is_fused
 from .fuse import fuse_projections as fuse_model_projections
 from .kernels.formats import check_k
 from .methods import Method, method_config
@@ -131,7 +132,10 @@ def patch(
       ``PatchReport.fused``. ``include`` / ``exclude`` then see the fused names
       (``to_qkv``, ``to_kv``, ``to_added_qkv``, ``to_qkv_mlp``). Calibration gives a fused
       layer one channel transform and one activation clip, and searches its weight clip per
-      output segment (q, k, v). The fusion stays if patching fails.
+      output segment (q, k, v). Attention modules whose processor computes q/k/v from the
+      unfused layers (LTX-Video's) are left unfused. A model already fused by diffusers'
+      ``fuse_qkv_projections()`` loses its unused unfused layers (only what runs is
+      quantized, and its checkpoint loads). A failed patch() undoes the fusion too.
 
     The input permutation of each MLP's second layer (CLQ's OBS) is then moved into the first
     layer's output rows (:func:`clq_triton.fold.fold_permutations`, exact), so that its
@@ -139,8 +143,8 @@ def patch(
     diffusers' own ``FeedForward`` with its own activations is folded; other MLPs of that
     shape keep the permutation, listed with the reason in ``PatchReport.unfolded``.
 
-    All or nothing: if quantizing any layer fails, every layer replaced so far is put back
-    and the error is raised. A model that already holds QuantLinears is refused (patching
+    All or nothing: if quantizing any layer fails, every layer replaced so far is put back,
+    the fusion (if any) undone, and the error is raised. A model that already holds QuantLinears is refused (patching
     twice would mix two configs in one model): patch the full-precision model. Replaced
     Linears that lived on a GPU move to the CPU until patch() returns (then they are
     dropped), so the GPU holds the FP weights plus one quantized layer at most.
@@ -163,39 +167,18 @@ def patch(
             "clq_triton.load_quantized")
     layer_base = method.with_rank(config)  # the low-rank rule, checked before any work
     report = PatchReport(method=method, config=config)
-    if fuse_projections:
-        report.fused = fuse_model_projections(model)
-        if not report.fused:
-            warnings.warn(f"fuse_projections=True: {type(model).__name__} has no attention "
-                          "projections diffusers can fuse; nothing was fused", stacklevel=2)
-    todo = []
-    for name, lin in eligible_linears(model, include, exclude, blocks_only):
-        k = lin.in_features
-        try:
-            check_k(k, config.group_size)
-        except ValueError as e:
-            if strict:
-                raise ValueError(f"{name}: {e}") from None
-            report.skipped[name] = str(e)
-            continue
-        cfg = method.layer_config(layer_base, k)
-        todo.append((name, lin, cfg.replace(lowrank=min(cfg.lowrank, k, lin.out_features))))
-    if report.skipped:
-        shown = ", ".join(f"{n} ({why})" for n, why in list(report.skipped.items())[:5])
-        more = len(report.skipped) - 5
-        warnings.warn(f"clq_triton.patch kept {len(report.skipped)} Linear layer(s) in full "
-                      f"precision: {shown}{f' and {more} more' if more > 0 else ''}; the list "
-                      "is in PatchReport.skipped", stacklevel=2)
-    if not todo and not report.skipped:
-        hint = ("; pass blocks_only=False to quantize every nn.Linear of the model"
-                if blocks_only and not _has_block_list(model) else "")
-        warnings.warn(f"clq_triton.patch found no eligible nn.Linear in "
-                      f"{type(model).__name__}: nothing was quantized{hint}", stacklevel=2)
-    if method.calibrated:
-        method.warn_ignored(config)
-    originals = Originals(model)
+    originals, undo = Originals(model), FusionUndo(model)
     try:
+        if fuse_projections or is_fused(model):  # diffusers-fused: drop what is not used
+            report.fused = fuse_model_projections(model, shared_inputs=fuse_projections)
+            undo.offload()
+        if fuse_projections and not report.fused:
+            warnings.warn(f"fuse_projections=True: {type(model).__name__} has no attention "
+                          "projections clq_triton can fuse; nothing was fused", stacklevel=2)
+        todo = _layers_to_quantize(model, method, layer_base, report, include, exclude,
+                                   blocks_only, strict)
         if method.calibrated:
+            method.warn_ignored(config)
             quantized = calibrate(model, calibration, todo, method, progress,
                                   depths=report.clps_depths, originals=originals)
         else:
@@ -208,6 +191,7 @@ def patch(
         report.unfolded = unproven_mlps(model)
     except BaseException:
         originals.rollback()
+        undo.restore()
         raise
     model._clq_patch = {"method": method.to_dict(), "config": config.to_dict()}  # for saving
     for name, lin, _ in todo:
@@ -216,6 +200,36 @@ def patch(
         report.quant_weight_bytes += quantized[name].weight_nbytes()
     log.info("clq_triton: %s", report)
     return report
+
+
+def _layers_to_quantize(model, method, config, report, include, exclude, blocks_only,
+                        strict) -> list[tuple[str, nn.Linear, QuantConfig]]:
+    """(name, Linear, its config) of the layers patch() quantizes; the others go to
+    ``report.skipped`` (warned about), or raise with ``strict``."""
+    todo = []
+    for name, lin in eligible_linears(model, include, exclude, blocks_only):
+        k = lin.in_features
+        try:
+            check_k(k, config.group_size)
+        except ValueError as e:
+            if strict:
+                raise ValueError(f"{name}: {e}") from None
+            report.skipped[name] = str(e)
+            continue
+        cfg = method.layer_config(config, k)
+        todo.append((name, lin, cfg.replace(lowrank=min(cfg.lowrank, k, lin.out_features))))
+    if report.skipped:
+        shown = ", ".join(f"{n} ({why})" for n, why in list(report.skipped.items())[:5])
+        more = len(report.skipped) - 5
+        warnings.warn(f"clq_triton.patch kept {len(report.skipped)} Linear layer(s) in full "
+                      f"precision: {shown}{f' and {more} more' if more > 0 else ''}; the list "
+                      "is in PatchReport.skipped", stacklevel=3)
+    if not todo and not report.skipped:
+        hint = ("; pass blocks_only=False to quantize every nn.Linear of the model"
+                if blocks_only and not _has_block_list(model) else "")
+        warnings.warn(f"clq_triton.patch found no eligible nn.Linear in "
+                      f"{type(model).__name__}: nothing was quantized{hint}", stacklevel=3)
+    return todo
 
 
 def _has_block_list(model: nn.Module) -> bool:

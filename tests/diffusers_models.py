@@ -5,6 +5,7 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
+    LTXVideoTransformer3DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
@@ -71,6 +72,19 @@ def wan(gen):
     x = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=gen),
              encoder_hidden_states=torch.randn(1, 6, 32, generator=gen),
              timestep=torch.tensor([300]))
+    return m, x
+
+
+def ltx(gen):
+    """LTX-Video: its attention processor calls to_q / to_k / to_v whether or not the
+    attention is fused (not in MODELS: clq_triton leaves it unfused)."""
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                   num_attention_heads=2, attention_head_dim=32,
+                                   cross_attention_dim=64, num_layers=2, caption_channels=16)
+    x = dict(hidden_states=torch.randn(1, 2 * 4 * 4, 8, generator=gen),
+             encoder_hidden_states=torch.randn(1, 5, 16, generator=gen),
+             timestep=torch.tensor([300]), encoder_attention_mask=torch.ones(1, 5),
+             num_frames=2, height=4, width=4)
     return m, x
 
 
