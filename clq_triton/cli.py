@@ -322,7 +322,7 @@ def parser() -> argparse.ArgumentParser:
                        help="sampler steps captured for calibration")
         p.add_argument("--gptq", action="store_true",
                        help="round weights with GPTQ (calibrated methods; quality.md: better "
-                            "in every group, calibration about 2.6x longer)")
+                            "in every group, calibration about 2.3x longer)")
         p.add_argument("--lowrank", type=count(0), default=0, metavar="R",
                        help="clq: rank of the low-rank branch; svdquant: its rank (default 32)")
         p.add_argument("--fuse-projections", action="store_true",

@@ -187,3 +187,16 @@ def test_dit_prompts_must_be_class_ids(tmp_path, capsys):
         cli.main(["quantize", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "prompts.txt"),
                   "--out", str(tmp_path / "q"), "--steps", "2"])
     assert not (tmp_path / "q").exists()
+
+
+def test_gptq_help_quotes_the_measured_slowdown():
+    """--gptq's help gives the calibration-time ratio docs/calibration.md measures."""
+    import re
+
+    from clq_triton import cli
+
+    with open(os.path.join(ROOT, "docs", "calibration.md")) as f:
+        measured = re.search(r"CLQ\+GPTQ [\d.]+ s \(([\d.]+)× CLQ\)", f.read()).group(1)
+    sub = cli.parser()._subparsers._group_actions[0].choices["quantize"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert f"about {measured}x longer" in helps["gptq"], (measured, helps["gptq"])
