@@ -22,7 +22,28 @@ FUSION_VERSION = 2  # checkpoints' "fused_projections": 1 (True) = diffusers' fu
 
 # fused layer → the layers it replaces, which its attention module no longer calls
 _REPLACED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
-             "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+             "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+             "to_added_kv": ("add_k_proj", "add_v_proj")}  # Wan I2V's image k/v
+
+
+# fused layers whose replaced layers the processor still tests (Wan's ``attn.add_k_proj is
+# not None`` marks image cross-attention): those stay as weightless :class:`Replaced`
+_KEPT_AS_FLAGS = ("to_added_kv",)
+
+
+class Replaced(nn.Module):
+    """Stands where a layer was that a fused layer replaced and no processor calls (it
+    holds no weights, so nothing quantizes or stores it); calling it raises."""
+
+    def __init__(self, by: str):
+        super().__init__()
+        self.by = by
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"this layer was fused into {self.by}; call that instead")
+
+    def extra_repr(self) -> str:
+        return f"fused into {self.by}"
 
 
 _SEGMENTS = "_clq_segments"  # attribute of a fused Linear: its parts' out_features
@@ -241,14 +262,16 @@ def fuse_projections(model: nn.Module, shared_inputs: bool = True) -> list[str]:
             continue
         for new, old in _REPLACED.items():
             lin = getattr(m, new, None)
-            if isinstance(lin, nn.Linear) and any(hasattr(m, o) for o in old):  # not yet done
+            olds = [o for o in old if isinstance(getattr(m, o, None), nn.Linear)]
+            if isinstance(lin, nn.Linear) and olds:  # not yet done
                 names.append(f"{name}.{new}" if name else new)
-                parts = tuple(getattr(m, o).out_features for o in old
-                              if isinstance(getattr(m, o, None), nn.Linear))
+                parts = tuple(getattr(m, o).out_features for o in olds)
                 if sum(parts) == lin.out_features:
                     setattr(lin, _SEGMENTS, parts)
-                for o in old:
-                    if hasattr(m, o):
+                for o in olds:
+                    if new in _KEPT_AS_FLAGS:
+                        setattr(m, o, Replaced(new))
+                    else:
                         delattr(m, o)
     if unfused:
         warnings.warn(f"fuse_projections: attention modules with {sorted(unfused)} compute "

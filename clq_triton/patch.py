@@ -130,9 +130,9 @@ def patch(
       with diffusers' own fusion where it has one (:func:`clq_triton.fuse.fuse_projections`,
       function-preserving), so each is one activation pass and one GEMM; listed in
       ``PatchReport.fused``. ``include`` / ``exclude`` then see the fused names
-      (``to_qkv``, ``to_kv``, ``to_added_qkv``, ``to_qkv_mlp``). Calibration gives a fused
-      layer one channel transform and one activation clip, and searches its weight clip per
-      output segment (q, k, v). Attention modules whose processor computes q/k/v from the
+      (``to_qkv``, ``to_kv``, ``to_added_qkv``, ``to_added_kv``, ``to_qkv_mlp``).
+      Calibration gives a fused layer one channel transform and one activation clip, and
+      searches its weight clip per output segment (q, k, v). Attention modules whose processor computes q/k/v from the
       unfused layers (LTX-Video's) are left unfused. A model already fused by diffusers'
       ``fuse_qkv_projections()`` loses its unused unfused layers (only what runs is
       quantized, and its checkpoint loads). A failed patch() undoes the fusion too.

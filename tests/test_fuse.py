@@ -349,3 +349,36 @@ def test_a_diffusers_fused_model_patches_what_runs_and_loads(gen, name, tmp_path
         loaded = clq_triton.load_quantized(str(tmp_path), target)
         with torch.no_grad():  # CLQ's FLUX reloads to ~1e-5, fused or not (not bit for bit)
             torch.testing.assert_close(output(loaded, inputs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_wan_i2v_image_kv_is_one_fused_layer(gen, tmp_path):
+    """Wan I2V: the image cross-attention's k/v become to_added_kv with its segments, listed
+    in report.fused; the never-called add_k_proj / add_v_proj are neither kept as weights
+    nor quantized; the fusion preserves the function and the CLQ checkpoint loads."""
+    from diffusers_models import wan_i2v
+
+    fp, inputs = wan_i2v(gen)
+    fp.eval()
+    with torch.no_grad():
+        want = output(fp, inputs)
+    fused = copy.deepcopy(fp)
+    names = fuse_projections(fused)
+    assert "blocks.0.attn2.to_added_kv" in names
+    assert segments(fused.get_submodule("blocks.0.attn2.to_added_kv")) == (64, 64)
+    assert not any(type(m) is nn.Linear and n.endswith(("add_k_proj", "add_v_proj"))
+                   for n, m in fused.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(output(fused, inputs), want, rtol=0, atol=1e-6)
+    model = copy.deepcopy(fp)
+    report = clq_triton.patch(model, "w8a8", CLQ(clps=False),
+                              clq_triton.CalibrationData.from_inputs([inputs]), progress=False,
+                              fuse_projections=True)
+    assert "blocks.1.attn2.to_added_kv" in report.fused
+    assert not [n for n in report.quantized if n.endswith(("add_k_proj", "add_v_proj"))]
+    with torch.no_grad():
+        got = output(model, inputs)
+    assert float((got - want).norm() / want.norm()) < 0.05
+    clq_triton.save_quantized(model, str(tmp_path))
+    loaded = clq_triton.load_quantized(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(output(loaded, inputs), got, rtol=1e-4, atol=1e-4)
