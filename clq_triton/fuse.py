@@ -65,6 +65,20 @@ class _Stash:
         self.left = 0
 
 
+class _DropStash:
+    """Forward hook of the block that owns a shared layer: drops what a user left kept when
+    the other was not called (e.g. attention skipped by a cache), so nothing outlives the
+    block's forward."""
+
+    def __init__(self, stash: _Stash):
+        self.stash = stash
+
+    def __call__(self, module, args, output):
+        s = self.stash
+        s.x = s.layer = s.y = None
+        s.left = 0
+
+
 class SharedOutput(nn.Module):
     """Stands in for one of the Linears a shared layer replaced: x → columns [start, stop) of
     ``getattr(owner, name)(x)`` (looked up per call, so a quantized layer swapped in is used).
@@ -136,6 +150,7 @@ def _share_block_inputs(model: nn.Module, names: list[str]) -> None:
         stash, n = _Stash(), qkv.out_features
         attn.to_qkv = SharedOutput(block, "to_qkv_mlp", 0, n, stash, users=2)
         block.proj_mlp = SharedOutput(block, "to_qkv_mlp", n, shared.out_features, stash, 2)
+        block.register_forward_hook(_DropStash(stash))
         prefix = f"{name}." if name else ""
         if prefix + "attn.to_qkv" in names:
             names.remove(prefix + "attn.to_qkv")
@@ -186,14 +201,14 @@ class FusionUndo:
     (:meth:`offload`) so that a GPU holds one copy of the projections."""
 
     def __init__(self, model: nn.Module):
-        self._saved = [(m, dict(m._modules), {k: v for k, v in vars(m).items()
-                                               if not k.startswith("_")})
+        self._saved = [(m, dict(m._modules), dict(m._forward_hooks),
+                        {k: v for k, v in vars(m).items() if not k.startswith("_")})
                        for m in model.modules()]
         self._model, self._moved = model, []
 
     def offload(self) -> None:
         live = set(map(id, self._model.modules()))
-        for _, children, _ in self._saved:
+        for _, children, _, _ in self._saved:
             for child in children.values():
                 if child is not None and id(child) not in live and \
                         not any(c is child for c, _ in self._moved):
@@ -203,9 +218,11 @@ class FusionUndo:
     def restore(self) -> None:
         for child, device in self._moved:
             child.to(device)
-        for m, children, attrs in self._saved:
+        for m, children, hooks, attrs in self._saved:
             m._modules.clear()
             m._modules.update(children)
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
             for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
                 delattr(m, k)
             vars(m).update(attrs)

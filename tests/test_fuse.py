@@ -382,3 +382,30 @@ def test_wan_i2v_image_kv_is_one_fused_layer(gen, tmp_path):
     loaded = clq_triton.load_quantized(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(output(loaded, inputs), got, rtol=1e-4, atol=1e-4)
+
+
+def test_nothing_shared_outlives_a_block_whose_attention_is_skipped(gen):
+    """FLUX single blocks with attention skipped (a cache such as pyramid attention broadcast
+    returns a kept output): proj_mlp runs the shared layer, and the block's forward leaves
+    no input or output of it kept; the output is the unfused model's with the same skip.
+    Also after deepcopy, and in a patched model."""
+    fp, inputs = MODELS["flux"](gen)
+    fp.eval()
+
+    def skip_attention(model):
+        for block in model.single_transformer_blocks:
+            block.attn.forward = lambda hidden_states, **kw: hidden_states * 0.5
+
+    fused = copy.deepcopy(fp)
+    fuse_projections(fused)
+    patched = copy.deepcopy(fp)
+    clq_triton.patch(patched, "w8a8", progress=False, fuse_projections=True)
+    for model in (fused, copy.deepcopy(fused), patched):
+        skip_attention(model)
+        with torch.no_grad():
+            output(model, inputs)
+        stashes = [b.proj_mlp._stash for b in model.single_transformer_blocks]
+        assert all(s.x is None and s.y is None and s.layer is None for s in stashes)
+    skip_attention(fp)
+    with torch.no_grad():
+        torch.testing.assert_close(output(fused, inputs), output(fp, inputs), rtol=0, atol=1e-6)
