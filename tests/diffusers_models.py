@@ -65,28 +65,24 @@ def cogvideox(gen):
     return m, x
 
 
-def wan(gen):
+def wan(gen, i2v=False):
+    """Wan text-to-video; ``i2v``: image-to-video, with the image cross-attention's k/v
+    (add_k_proj / add_v_proj) and 512 text tokens (its processor splits the image tokens off
+    at 512 from the end)."""
+    image = dict(image_dim=48, added_kv_proj_dim=64) if i2v else {}
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
                               in_channels=4, out_channels=4, text_dim=32, freq_dim=64, ffn_dim=128,
-                              num_layers=2, rope_max_seq_len=32)
+                              num_layers=2, rope_max_seq_len=32, **image)
     x = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=gen),
-             encoder_hidden_states=torch.randn(1, 6, 32, generator=gen),
+             encoder_hidden_states=torch.randn(1, 512 if i2v else 6, 32, generator=gen),
              timestep=torch.tensor([300]))
+    if i2v:
+        x["encoder_hidden_states_image"] = torch.randn(1, 5, 48, generator=gen)
     return m, x
 
 
 def wan_i2v(gen):
-    """Wan image-to-video: image cross-attention k/v (add_k_proj / add_v_proj) as well."""
-    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
-                              in_channels=4, out_channels=4, text_dim=32, freq_dim=64, ffn_dim=128,
-                              num_layers=2, rope_max_seq_len=32, image_dim=48,
-                              added_kv_proj_dim=64)
-    x = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=gen),
-             # 512 text tokens: Wan's processor splits the image tokens off at 512 from the end
-             encoder_hidden_states=torch.randn(1, 512, 32, generator=gen),
-             encoder_hidden_states_image=torch.randn(1, 5, 48, generator=gen),
-             timestep=torch.tensor([300]))
-    return m, x
+    return wan(gen, i2v=True)
 
 
 def ltx(gen):
