@@ -184,9 +184,12 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
                                       cfg)
         if method.gptq and stats.rows[name]:  # a layer its block never called: RTN
             # factored once here: every clip candidate and segment reuses the factor
-            tf = dataclasses.replace(tf, hessian=factor_hessian(transform_hessian(
-                stats.gram[name], stats.total[name], stats.rows[name], tf.shift, tf.scale,
-                tf.perm, cfg.hadamard_block)))
+            try:
+                tf = dataclasses.replace(tf, hessian=factor_hessian(transform_hessian(
+                    stats.gram[name], stats.total[name], stats.rows[name], tf.shift, tf.scale,
+                    tf.perm, cfg.hadamard_block)))
+            except (ValueError, torch.linalg.LinAlgError) as e:
+                raise ValueError(f"GPTQ on layer {name}: {e}") from e
         if target is None:
             q = _quantize(lin, cfg, tf)
         elif target == "layer":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 import time
 
@@ -127,11 +128,26 @@ def load_pipeline(model_id: str, timer):
     return pipe
 
 
-def generate(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
+CALIB_SEED = 1  # calibration prompt i starts from the noise of seed CALIB_SEED + i
+
+
+def check_prompts(pipe, prompts: list[str]) -> None:
+    """Exit with a message unless a DiT pipeline's prompts are ImageNet class ids."""
+    if type(pipe).__name__ == "DiTPipeline":
+        bad = [p for p in prompts if not p.strip().isdigit() or int(p) >= 1000]
+        if bad:
+            raise SystemExit(f"{type(pipe).__name__} takes ImageNet class ids (0-999) as "
+                             f"prompts, got {bad[:3]}")
+
+
+def generate(pipe, prompts: list[str], steps: int, seed: int | list[int]) -> torch.Tensor:
     """Images float [B, 3, H, W] in [0, 1] (first frame for video pipelines). For
-    class-conditional DiT pipelines the prompts are ImageNet class ids."""
+    class-conditional DiT pipelines the prompts are ImageNet class ids. ``seed``: one
+    generator for the batch, or a list: one per prompt (its noise does not depend on the
+    batch it is in)."""
     device = pipe.transformer.device
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = ([torch.Generator(device).manual_seed(s) for s in seed] if isinstance(seed, list)
+           else torch.Generator(device).manual_seed(seed))
     if type(pipe).__name__ == "DiTPipeline":
         out = pipe(class_labels=[int(p) for p in prompts], num_inference_steps=steps,
                    generator=gen, output_type="np")
@@ -147,13 +163,18 @@ def calibrate_pipeline(pipe, prompts, steps, samples, timer, batch=None):
     """Calibration samples from the pipeline on ``prompts``, in batches of ``batch`` prompts
     (all in one by default), ``samples`` spread over each batch's sampler steps (one
     transformer call per step: diffusers batches classifier-free guidance). Under torchrun /
-    accelerate launch the batches are dealt over the processes (clq_triton.distributed)."""
+    accelerate launch the batches are dealt over the processes (clq_triton.distributed).
+    Prompt i starts from the noise of seed ``CALIB_SEED + i`` whatever its batch and
+    process."""
     from .distributed import capture_sharded
 
     batch = batch or len(prompts)
-    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-    data = capture_sharded(pipe.transformer, lambda b: generate(pipe, b, steps, seed=1), batches,
-                           max_samples=samples, calls=steps)
+    numbered = list(enumerate(prompts))
+    batches = [numbered[i:i + batch] for i in range(0, len(prompts), batch)]
+    data = capture_sharded(
+        pipe.transformer, lambda b: generate(pipe, [p for _, p in b], steps,
+                                             seed=[CALIB_SEED + i for i, _ in b]),
+        batches, max_samples=samples, calls=steps)
     timer.lap(f"captured {len(data)} calibration steps")
     return data
 
@@ -164,6 +185,7 @@ def real_pipeline(args, timer):
     pipe = load_pipeline(args.model, timer)
     prompts = args.prompt or (["207", "360", "387", "974"] if type(pipe).__name__ == "DiTPipeline"
                               else ["a photo of a cat", "a red car on a street"])
+    check_prompts(pipe, prompts)
     fp_imgs = generate(pipe, prompts, args.steps, seed=0)
     timer.lap(f"generated {len(fp_imgs)} FP images")
     data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer)
@@ -224,6 +246,8 @@ def cmd_quantize(args) -> None:
 
     init_from_env()  # several processes under torchrun / accelerate launch: capture is shared
     pipe = load_pipeline(args.model, timer)
+    if prompts:
+        check_prompts(pipe, prompts)
     data = (calibrate_pipeline(pipe, prompts, args.steps, args.calib_samples, timer,
                                args.calib_batch) if args.method_config.calibrated else None)
     if is_main():  # one process calibrates and saves, the others wait and load
@@ -242,6 +266,50 @@ def cmd_quantize(args) -> None:
 # ---------------------------------------------------------------------------------- parser
 
 
+def count(minimum: int):
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def output_problem(path: str, directory: bool) -> str | None:
+    """Why ``path`` cannot be written as an output directory (created with its parents) or
+    file (its folder must exist); None when it can."""
+    if directory:
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"{path} exists and is not a directory"
+        parent = os.path.abspath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            return f"{parent} is not a directory: {path} cannot be created"
+    else:
+        if os.path.isdir(path):
+            return f"{path} is a directory, not a file"
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            return f"the folder of {path} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def check_outputs(ap: argparse.ArgumentParser, args) -> None:
+    """argparse errors for output paths that cannot be written, before any work."""
+    outputs = [(args.out, args.command == "quantize"), (getattr(args, "save", None), True)]
+    for path, directory in outputs:
+        problem = path and output_problem(path, directory)
+        if problem:
+            ap.error(problem)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clq-triton", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -249,13 +317,13 @@ def parser() -> argparse.ArgumentParser:
     def common(p, steps=10, calib=8):
         p.add_argument("--bits", default="w4a4", choices=["w4a4", "w4a8", "w8a8"])
         p.add_argument("--method", default="clq", choices=list(METHODS))
-        p.add_argument("--steps", type=int, default=steps, help="sampler steps")
-        p.add_argument("--calib-samples", type=int, default=calib,
+        p.add_argument("--steps", type=count(1), default=steps, help="sampler steps")
+        p.add_argument("--calib-samples", type=count(1), default=calib,
                        help="sampler steps captured for calibration")
         p.add_argument("--gptq", action="store_true",
                        help="round weights with GPTQ (calibrated methods; quality.md: better "
-                            "in every group, calibration about 2.6x longer)")
-        p.add_argument("--lowrank", type=int, default=0, metavar="R",
+                            "in every group, calibration about 2.3x longer)")
+        p.add_argument("--lowrank", type=count(0), default=0, metavar="R",
                        help="clq: rank of the low-rank branch; svdquant: its rank (default 32)")
         p.add_argument("--fuse-projections", action="store_true",
                        help="quantize q/k/v (and k/v, context q/k/v, FLUX single blocks' "
@@ -265,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="calibrate + quantize + compare FP and quantized images")
     common(q)
     q.add_argument("--model", help="diffusers pipeline id or path (default: shipped tiny DiT)")
-    q.add_argument("--num-images", type=int, default=48, help="tiny DiT: images per side")
+    q.add_argument("--num-images", type=count(1), default=48, help="tiny DiT: images per side")
     q.add_argument("--prompt", action="append",
                    help="real model: prompt, or ImageNet class id for DiT (repeatable)")
     q.add_argument("--save", help="directory to save the quantized transformer in")
@@ -276,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("model", help="diffusers pipeline id or path")
     common(z, steps=20, calib=16)
     z.add_argument("--prompts", help="calibration prompts, one per line (DiT: class ids)")
-    z.add_argument("--calib-batch", type=int, default=None,
+    z.add_argument("--calib-batch", type=count(1), default=None,
                    help="prompts per captured pipeline run (default: all in one), each "
                         "giving --calib-samples steps; under torchrun the runs are spread "
                         "over the processes")
@@ -286,7 +354,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    check_outputs(ap, args)
     args.method_config = method_from_args(args)
     args.run(args)
 

@@ -5,12 +5,14 @@ Capturing means running the full-precision pipeline for every calibration prompt
 step, the slow part on a real model. :func:`capture_sharded` deals prompt batches over the
 ranks and gathers the samples on every rank in batch order, so the calibration data (and the
 checkpoint calibrated from it) are the same for any number of processes. One rank then
-calibrates and saves (:func:`is_main`), the others wait (:func:`barrier`) and load.
+calibrates and saves (:func:`is_main`), the others wait (:func:`barrier`, without the
+process group's timeout) and load.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,26 +33,38 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
+WAIT_TIMEOUT = timedelta(days=7)  # how long :func:`barrier` waits
+_wait_group = None  # a gloo group with WAIT_TIMEOUT, made by init_from_env
+
+
 def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
+    """Wait for every rank, however long the slowest takes (no-op without a process group):
+    ranks that wait here while rank 0 calibrates must not time out under the process
+    group's own timeout (NCCL 10 min, gloo 30 min). Waits in the gloo group of
+    :func:`init_from_env`, whose timeout is :data:`WAIT_TIMEOUT`; a launcher stops the
+    waiting ranks if rank 0 fails."""
     import torch.distributed as dist
 
     if rank_and_world()[1] > 1:
-        dist.barrier()
+        dist.barrier(group=_wait_group)
 
 
 def init_from_env() -> bool:
     """Join the process group a launcher describes (``WORLD_SIZE`` > 1 in the environment, as
     torchrun and accelerate launch set it): gloo on CPU, nccl with CUDA (each rank on GPU
-    ``LOCAL_RANK``). Returns whether this is a run of several processes."""
+    ``LOCAL_RANK``; a group already joined is kept), and the long-waiting group of
+    :func:`barrier`. Returns whether this is a run of several processes."""
     import torch.distributed as dist
 
+    global _wait_group
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if _wait_group is None:  # collective: every rank makes it here, at the same time
+        _wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return True
 
 

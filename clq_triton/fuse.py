@@ -10,6 +10,11 @@ the two: the first called runs the shared layer, the other takes its slice of th
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
+import warnings
+
 import torch
 from torch import nn
 
@@ -17,7 +22,28 @@ FUSION_VERSION = 2  # checkpoints' "fused_projections": 1 (True) = diffusers' fu
 
 # fused layer → the layers it replaces, which its attention module no longer calls
 _REPLACED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
-             "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+             "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+             "to_added_kv": ("add_k_proj", "add_v_proj")}  # Wan I2V's image k/v
+
+
+# fused layers whose replaced layers the processor still tests (Wan's ``attn.add_k_proj is
+# not None`` marks image cross-attention): those stay as weightless :class:`Replaced`
+_KEPT_AS_FLAGS = ("to_added_kv",)
+
+
+class Replaced(nn.Module):
+    """Stands where a layer was that a fused layer replaced and no processor calls (it
+    holds no weights, so nothing quantizes or stores it); calling it raises."""
+
+    def __init__(self, by: str):
+        super().__init__()
+        self.by = by
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"this layer was fused into {self.by}; call that instead")
+
+    def extra_repr(self) -> str:
+        return f"fused into {self.by}"
 
 
 _SEGMENTS = "_clq_segments"  # attribute of a fused Linear: its parts' out_features
@@ -37,6 +63,20 @@ class _Stash:
     def __init__(self):
         self.x = self.layer = self.y = None
         self.left = 0
+
+
+class _DropStash:
+    """Forward hook of the block that owns a shared layer: drops what a user left kept when
+    the other was not called (e.g. attention skipped by a cache), so nothing outlives the
+    block's forward."""
+
+    def __init__(self, stash: _Stash):
+        self.stash = stash
+
+    def __call__(self, module, args, output):
+        s = self.stash
+        s.x = s.layer = s.y = None
+        s.left = 0
 
 
 class SharedOutput(nn.Module):
@@ -110,6 +150,7 @@ def _share_block_inputs(model: nn.Module, names: list[str]) -> None:
         stash, n = _Stash(), qkv.out_features
         attn.to_qkv = SharedOutput(block, "to_qkv_mlp", 0, n, stash, users=2)
         block.proj_mlp = SharedOutput(block, "to_qkv_mlp", n, shared.out_features, stash, 2)
+        block.register_forward_hook(_DropStash(stash))
         prefix = f"{name}." if name else ""
         if prefix + "attn.to_qkv" in names:
             names.remove(prefix + "attn.to_qkv")
@@ -118,6 +159,73 @@ def _share_block_inputs(model: nn.Module, names: list[str]) -> None:
 
 def _fused(module: nn.Module) -> bool:
     return getattr(module, "fused_projections", False)
+
+
+def reads_fused(processor) -> bool:
+    """Whether an attention ``processor`` computes q/k/v with the fused layer once its
+    attention is fused: diffusers' ``Fused*`` processors, and those whose ``__call__``
+    dispatches on ``attn.fused_projections`` itself or through a helper of its module
+    (FLUX's and Wan's ``_get_qkv_projections``). Others (LTX-Video's) call ``to_q`` /
+    ``to_k`` / ``to_v`` whatever the fusion."""
+    cls = type(processor)
+    if cls.__name__.startswith("Fused"):
+        return True
+    try:
+        src = inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return False
+    module = sys.modules.get(cls.__module__)
+    helpers = [getattr(module, f, None) for f in re.findall(r"\b(_\w+)\(", src)]
+    return "fused_projections" in src or any(
+        inspect.isfunction(f) and "fused_projections" in inspect.getsource(f) for f in helpers)
+
+
+def _unfuse(module: nn.Module) -> None:
+    """Drop the fused layers diffusers added to ``module`` (its unfused ones are still there)."""
+    for new in _REPLACED:
+        if isinstance(getattr(module, new, None), nn.Linear):
+            delattr(module, new)
+    module.fused_projections = False
+
+
+def _cannot_unfuse(*args, **kwargs):
+    raise RuntimeError(
+        "clq_triton fused this model's projections and dropped the unfused layers "
+        "(to_q, to_k, to_v, ...), so they cannot be unfused; load the model again for "
+        "unfused projections")
+
+
+class FusionUndo:
+    """What :func:`fuse_projections` may change in ``model`` (each module's children,
+    processor and flags), put back by :meth:`restore`; the layers it drops wait on the CPU
+    (:meth:`offload`) so that a GPU holds one copy of the projections."""
+
+    def __init__(self, model: nn.Module):
+        self._saved = [(m, dict(m._modules), dict(m._forward_hooks),
+                        {k: v for k, v in vars(m).items() if not k.startswith("_")})
+                       for m in model.modules()]
+        self._model, self._moved = model, []
+
+    def offload(self) -> None:
+        live = set(map(id, self._model.modules()))
+        for _, children, _, _ in self._saved:
+            for child in children.values():
+                if child is not None and id(child) not in live and \
+                        not any(c is child for c, _ in self._moved):
+                    device = next(iter(child.parameters()), torch.empty(0)).device
+                    self._moved.append((child.to("cpu"), device))
+
+    def restore(self) -> None:
+        for child, device in self._moved:
+            child.to(device)
+        for m, children, hooks, attrs in self._saved:
+            m._modules.clear()
+            m._modules.update(children)
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
+            for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+                delattr(m, k)
+            vars(m).update(attrs)
 
 
 def is_fused(model: nn.Module) -> bool:
@@ -142,38 +250,51 @@ def fuse_projections(model: nn.Module, shared_inputs: bool = True) -> list[str]:
     Uses the model's ``fuse_qkv_projections()`` where it has one (PixArt, SD3, FLUX,
     CogVideoX, …); elsewhere every ``Attention`` running diffusers' default processor
     (``AttnProcessor2_0``, e.g. DiT's) is fused and given ``FusedAttnProcessor2_0``. Models
-    with neither are left as they are (an empty list), and so is a model that is already
-    fused (in part or whole)."""
+    with neither are left as they are (an empty list). A model already fused (by diffusers'
+    ``fuse_qkv_projections()``) only loses its unused unfused layers. An attention whose
+    processor does not read the fused layer (:func:`reads_fused`, e.g. LTX-Video's) is left
+    unfused, with a warning. The model's ``unfuse_qkv_projections()`` then raises (the
+    unfused layers are gone)."""
     from diffusers.models.attention_processor import (
         Attention,
         AttnProcessor2_0,
         FusedAttnProcessor2_0,
     )
 
-    if is_fused(model):
-        return []
-    if callable(getattr(model, "fuse_qkv_projections", None)):
-        model.fuse_qkv_projections()
-    else:
-        for m in model.modules():
-            if isinstance(m, Attention) and type(m.processor) is AttnProcessor2_0:
-                m.fuse_projections()
-                m.set_processor(FusedAttnProcessor2_0())
-    names = []
+    if not is_fused(model):
+        if callable(getattr(model, "fuse_qkv_projections", None)):
+            model.fuse_qkv_projections()
+        else:
+            for m in model.modules():
+                if isinstance(m, Attention) and type(m.processor) is AttnProcessor2_0:
+                    m.fuse_projections()
+                    m.set_processor(FusedAttnProcessor2_0())
+    names, unfused = [], set()
     for name, m in model.named_modules():
         if not _fused(m):
             continue
+        if not reads_fused(getattr(m, "processor", None)):
+            _unfuse(m)
+            unfused.add(type(m.processor).__name__)
+            continue
         for new, old in _REPLACED.items():
             lin = getattr(m, new, None)
-            if isinstance(lin, nn.Linear):
+            olds = [o for o in old if isinstance(getattr(m, o, None), nn.Linear)]
+            if isinstance(lin, nn.Linear) and olds:  # not yet done
                 names.append(f"{name}.{new}" if name else new)
-                parts = tuple(getattr(m, o).out_features for o in old
-                              if isinstance(getattr(m, o, None), nn.Linear))
+                parts = tuple(getattr(m, o).out_features for o in olds)
                 if sum(parts) == lin.out_features:
                     setattr(lin, _SEGMENTS, parts)
-                for o in old:
-                    if hasattr(m, o):
+                for o in olds:
+                    if new in _KEPT_AS_FLAGS:
+                        setattr(m, o, Replaced(new))
+                    else:
                         delattr(m, o)
+    if unfused:
+        warnings.warn(f"fuse_projections: attention modules with {sorted(unfused)} compute "
+                      "q/k/v from the unfused layers: left unfused", stacklevel=3)
     if shared_inputs:
         _share_block_inputs(model, names)
+    if names:
+        model.unfuse_qkv_projections = _cannot_unfuse
     return names

@@ -30,17 +30,29 @@ class HessianFactor:
     dead: torch.Tensor
 
 
-def factor_hessian(hessian: torch.Tensor, damp: float = 0.01) -> HessianFactor:
+def factor_hessian(hessian: torch.Tensor, damp: float = 0.01,
+                   escalate: int = 3) -> HessianFactor:
     """:class:`HessianFactor` of ``hessian`` = Σ xᵀx [K, K]; ``damp``: fraction of the mean
-    diagonal added to it (dead columns' diagonals count as 1). Float64; three O(K³) steps
-    (two Cholesky factorizations and an inverse), the part of GPTQ that does not depend on
-    the weight or its scales."""
+    diagonal added to it (dead columns' diagonals count as 1), multiplied by 10 up to
+    ``escalate`` times while the damped matrix is not positive definite (then ValueError).
+    Float64; three O(K³) steps (two Cholesky factorizations and an inverse), the part of
+    GPTQ that does not depend on the weight or its scales."""
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    return HessianFactor(upper, dead)
+    mean, added = torch.diagonal(h).mean(), 0.0
+    for attempt in range(escalate + 1):
+        d = damp * 10 ** attempt
+        h.diagonal().add_(d * mean - added)
+        added = d * mean
+        try:
+            lower = torch.linalg.cholesky(h)
+        except torch.linalg.LinAlgError:
+            continue
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        return HessianFactor(upper, dead)
+    raise ValueError(f"the Hessian ({len(h)} columns) is not positive definite even damped by "
+                     f"{d:g} × its mean diagonal (non-finite calibration inputs?)")
 
 
 def gptq_weight(w: torch.Tensor, hessian: torch.Tensor | HessianFactor,

@@ -62,6 +62,25 @@ class Method:
         shrunk to divide K."""
         return config.replace(hadamard_block=fit_hadamard_block(k, config.hadamard_block))
 
+    @property
+    def own_rank(self) -> int:
+        """The low-rank branch's rank this method's own options ask for (CLQ(lowrank=r),
+        SVDQuant(rank=r)); 0: none (QuantConfig.lowrank decides)."""
+        return 0
+
+    def with_rank(self, config: QuantConfig) -> QuantConfig:
+        """``config`` with the one low-rank rule of every method: the branch's rank is
+        QuantConfig.lowrank, or the method's own option where it sets one; the two set to
+        different ranks is an error (ValueError). Each layer clamps it to min(N, K)."""
+        own = self.own_rank
+        if not own or own == config.lowrank:
+            return config
+        if config.lowrank:
+            raise ValueError(f"{type(self).__name__} asks for a rank-{own} low-rank branch and "
+                             f"QuantConfig(lowrank={config.lowrank}) for rank "
+                             f"{config.lowrank}: set one of them")
+        return config.replace(lowrank=own)
+
     def to_dict(self) -> dict:
         return {"method": self.name, "format": METHOD_FORMAT, **asdict(self)}
 
@@ -145,8 +164,9 @@ class SVDQuant(SmoothQuant):
         super().__post_init__()
         check_count("rank", self.rank, 1)
 
-    def layer_config(self, config, k):
-        return super().layer_config(config, k).replace(lowrank=self.rank)
+    @property
+    def own_rank(self):
+        return self.rank
 
 
 @dataclass(frozen=True)
@@ -189,8 +209,8 @@ class CLQ(Calibrated):
         blocks later and no further than the blocks link, where the squared error the layer
         causes peaks), "output" (the
         transformer's output) or "layer" (the layer's own output, the local baseline).
-    lowrank: rank of SVDQuant's full-precision low-rank branch on each layer
-        (QuantConfig.lowrank), split off after the shift and smoothing; 0 = none.
+    lowrank: rank of SVDQuant's full-precision low-rank branch on each layer, split off
+        after the shift and smoothing; 0 = QuantConfig.lowrank's (:meth:`Method.with_rank`).
     perm_run: OBS deals channels over the Hadamard blocks in aligned runs of this many
         (smoothing.outlier_permutation): 1 (default) deals single channels, which the
         activation kernel gathers 2 bytes at a time; 8 keeps runs of 8 together, read 16
@@ -232,8 +252,11 @@ class CLQ(Calibrated):
     def search(self) -> bool:
         return self.clps
 
+    @property
+    def own_rank(self):
+        return self.lowrank
+
     def layer_config(self, config, k):
-        config = config.replace(lowrank=self.lowrank)
         if not self.obs:
             return config.replace(hadamard_block=None)
         return super().layer_config(config, k)

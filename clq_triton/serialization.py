@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from .fold import fold_permutations
 from .fuse import FUSION_VERSION, fuse_projections, fusion_version
 from .jsonfile import write_atomic
 from .kernels.formats import FORMAT_VERSION
+from .methods import method_from_dict
 from .quant_linear import QuantLinear
 from .swap import set_submodule
 
@@ -226,7 +228,46 @@ def _read_config(directory: str) -> tuple[dict, dict]:
                          "full-precision model again")
     if not isinstance(quant.get("layers"), dict) or not quant["layers"]:
         raise ValueError(f"{path}: quantization_config lists no layers")
+    _check_known(quant, path)
     return config, quant
+
+
+# the fields this clq-triton writes; any other comes from a newer version and is refused
+_QUANT_FIELDS = {"quant_method", "format", "clq_triton_version", "method", "config",
+                 "torch_dtype", "layers", "fused_projections"}
+_LAYER_FIELDS = {"config", "in_features", "out_features", "bias", "perm", "channel_scale",
+                 "channel_shift", "lowrank_dtype"}
+_CONFIG_FIELDS = {f.name for f in fields(QuantConfig)}
+
+
+def _check_known(quant: dict, path: str) -> None:
+    """One rule for every part of ``quantization_config``: a field this clq-triton does not
+    know (top level, method, config, a layer or its config) is refused, naming the version
+    that wrote the checkpoint, rather than ignored."""
+    from . import __version__
+
+    def refuse(where: str, what) -> None:
+        raise ValueError(
+            f"{path}: {where} has {what} unknown to this clq-triton {__version__}; the "
+            f"checkpoint was written by clq-triton {quant.get('clq_triton_version', '?')}, "
+            "a newer version: update clq-triton to load it")
+
+    def check(where: str, d, known) -> None:
+        extra = sorted(set(d) - known) if isinstance(d, dict) else []
+        if extra:
+            refuse(where, f"fields {extra}")
+
+    check("quantization_config", quant, _QUANT_FIELDS)
+    if quant.get("method") is not None:
+        try:
+            method_from_dict(quant["method"])
+        except (ValueError, TypeError) as e:
+            refuse("the method", f"settings ({e})")
+    check("config", quant.get("config"), _CONFIG_FIELDS)
+    for name, spec in quant["layers"].items():
+        check(f"layer {name!r}", spec, _LAYER_FIELDS)
+        check(f"layer {name!r}'s config", spec.get("config") if isinstance(spec, dict) else
+              None, _CONFIG_FIELDS)
 
 
 def _read_weights(directory: str) -> dict[str, torch.Tensor]:

@@ -50,8 +50,11 @@ class ChannelRange:
                 acc[2] += total
                 acc[3] += count
             if self._gram:
-                xz = xz.float()
-                g = (xz.T @ xz).double()
+                # float64: a channel offset of 200 against a spread of 1 (a DiT's adaLN
+                # shift) leaves a raw float32 Gram nothing of the spread once the mean is
+                # subtracted, and GPTQ's Hessian is then not positive definite
+                xd = xz.double()
+                g = xd.T @ xd
                 self.gram[name] = self.gram[name] + g if name in self.gram else g
                 self.rows[name] = self.rows.get(name, 0) + x.shape[0]
         return hook

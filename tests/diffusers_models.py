@@ -5,6 +5,7 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
+    LTXVideoTransformer3DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
@@ -64,13 +65,36 @@ def cogvideox(gen):
     return m, x
 
 
-def wan(gen):
+def wan(gen, i2v=False):
+    """Wan text-to-video; ``i2v``: image-to-video, with the image cross-attention's k/v
+    (add_k_proj / add_v_proj) and 512 text tokens (its processor splits the image tokens off
+    at 512 from the end)."""
+    image = dict(image_dim=48, added_kv_proj_dim=64) if i2v else {}
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
                               in_channels=4, out_channels=4, text_dim=32, freq_dim=64, ffn_dim=128,
-                              num_layers=2, rope_max_seq_len=32)
+                              num_layers=2, rope_max_seq_len=32, **image)
     x = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=gen),
-             encoder_hidden_states=torch.randn(1, 6, 32, generator=gen),
+             encoder_hidden_states=torch.randn(1, 512 if i2v else 6, 32, generator=gen),
              timestep=torch.tensor([300]))
+    if i2v:
+        x["encoder_hidden_states_image"] = torch.randn(1, 5, 48, generator=gen)
+    return m, x
+
+
+def wan_i2v(gen):
+    return wan(gen, i2v=True)
+
+
+def ltx(gen):
+    """LTX-Video: its attention processor calls to_q / to_k / to_v whether or not the
+    attention is fused (not in MODELS: clq_triton leaves it unfused)."""
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                   num_attention_heads=2, attention_head_dim=32,
+                                   cross_attention_dim=64, num_layers=2, caption_channels=16)
+    x = dict(hidden_states=torch.randn(1, 2 * 4 * 4, 8, generator=gen),
+             encoder_hidden_states=torch.randn(1, 5, 16, generator=gen),
+             timestep=torch.tensor([300]), encoder_attention_mask=torch.ones(1, 5),
+             num_frames=2, height=4, width=4)
     return m, x
 
 

@@ -390,3 +390,21 @@ def test_gptq_option_lowers_the_error_of_calibrated_methods(pipe_and_data):
         print(f"{method.name} W4A8 error: RTN {errs[False]:.4f}, GPTQ {errs[True]:.4f}")
         assert errs[True] < errs[False]
     assert clq_triton.methods.method_from_dict(CLQ(gptq=True).to_dict()).gptq
+
+
+def test_cli_calibration_noise_is_per_prompt_whatever_the_batch():
+    """clq-triton quantize --calib-batch B: prompt i starts from its own noise (seed 1 + i),
+    the same for any B; B = 1 no longer starts every prompt from one latent."""
+    from clq_triton import cli
+
+    pipe = dit_pipeline(seed=2, layers=1)
+    prompts = ["1", "4", "1"]  # the same class twice: only the noise tells them apart
+
+    def first_latents(batch):
+        data = cli.calibrate_pipeline(pipe, prompts, 3, 1, cli.Timer(), batch)
+        rows = [args[0] for args, _ in data.samples]  # [2 b, ...]: guidance doubles
+        return torch.cat([r[:len(r) // 2] for r in rows])
+
+    one, two, all_ = first_latents(1), first_latents(2), first_latents(None)
+    assert len(one) == 3 and torch.equal(one, two) and torch.equal(one, all_)
+    assert not torch.equal(one[0], one[2]) and not torch.equal(one[0], one[1])

@@ -102,7 +102,7 @@ def test_cli_errors_are_messages(tmp_path):
     assert out.returncode != 0 and "cannot read prompts" in out.stderr
     for extra, message in ((["--method", "rtn", "--gptq"], "--gptq needs a calibrated method"),
                            (["--method", "quarot", "--lowrank", "4"], "option of clq and svdquant"),
-                           (["--lowrank", "-1"], "--lowrank: lowrank must be an int >= 0"),
+                           (["--lowrank", "-1"], "argument --lowrank: must be >= 0, got -1"),
                            (["--method", "quarot", "--gptq"], "give --prompts FILE")):
         out = subprocess.run([sys.executable, "-m", "clq_triton.cli", "quantize", "x", "--out",
                               str(tmp_path), *extra], capture_output=True, text=True)
@@ -142,3 +142,61 @@ def test_two_process_capture_gives_the_one_process_checkpoint(tmp_path):
     assert "captured 8 calibration steps" in one.stdout and "rank 1: loaded" in two.stdout
     for name in ("diffusion_pytorch_model.safetensors", "config.json"):
         assert (tmp_path / "q1" / name).read_bytes() == (tmp_path / "q2" / name).read_bytes()
+
+
+def test_cli_numbers_and_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    """Counts below their minimum, non-integers, an --out that is a file or in a missing
+    folder: argparse errors (exit 2, a usage message), before any model is loaded."""
+    import pytest
+
+    from clq_triton import cli
+
+    (tmp_path / "file").write_text("")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("1\n")
+    quantize = ["quantize", "missing-model", "--prompts", str(prompts)]
+    out = ["--out", str(tmp_path / "q")]
+    for argv, message in (
+            (quantize + out + ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+            (quantize + out + ["--steps", "-3"], "argument --steps: must be >= 1, got -3"),
+            (quantize + out + ["--calib-samples", "0"], "--calib-samples: must be >= 1"),
+            (quantize + out + ["--calib-batch", "0"], "--calib-batch: must be >= 1, got 0"),
+            (quantize + out + ["--calib-batch", "-1"], "--calib-batch: must be >= 1"),
+            (quantize + out + ["--steps", "2.5"], "--steps: '2.5' is not an integer"),
+            (quantize + ["--out", str(tmp_path / "file")], "exists and is not a directory"),
+            (quantize + ["--out", str(tmp_path / "file" / "q")], "is not a directory"),
+            (["quickstart", "--steps", "0"], "argument --steps: must be >= 1"),
+            (["quickstart", "--num-images", "0"], "argument --num-images: must be >= 1"),
+            (["quickstart", "--out", str(tmp_path / "no" / "g.png")], "does not exist"),
+            (["quickstart", "--out", str(tmp_path)], "is a directory, not a file"),
+            (["quickstart", "--save", str(tmp_path / "file")], "exists and is not a directory")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "usage:" in err, (argv, err)
+
+
+def test_dit_prompts_must_be_class_ids(tmp_path, capsys):
+    import pytest
+
+    from clq_triton import cli
+
+    _saved_pipeline(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("3\na photo of a cat\n")
+    with pytest.raises(SystemExit, match="class ids .*'a photo of a cat'"):
+        cli.main(["quantize", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "prompts.txt"),
+                  "--out", str(tmp_path / "q"), "--steps", "2"])
+    assert not (tmp_path / "q").exists()
+
+
+def test_gptq_help_quotes_the_measured_slowdown():
+    """--gptq's help gives the calibration-time ratio docs/calibration.md measures."""
+    import re
+
+    from clq_triton import cli
+
+    with open(os.path.join(ROOT, "docs", "calibration.md")) as f:
+        measured = re.search(r"CLQ\+GPTQ [\d.]+ s \(([\d.]+)× CLQ\)", f.read()).group(1)
+    sub = cli.parser()._subparsers._group_actions[0].choices["quantize"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert f"about {measured}x longer" in helps["gptq"], (measured, helps["gptq"])

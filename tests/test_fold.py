@@ -185,3 +185,61 @@ def test_clq_with_runs_of_8_gives_layers_that_read_runs(gen):
             want = output(fp, inputs)
             err = float((output(model, inputs) - want).norm() / want.norm())
         assert err < 0.2, err
+
+
+class NormFormerMLP(nn.Module):
+    """A user MLP, its class named like diffusers' (NormFormer-style): an affine LayerNorm between the
+    activation and the second layer, which a permutation of the hidden channels changes."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        from diffusers.models.activations import GELU
+
+        self.net = nn.ModuleList([GELU(dim, hidden), nn.Dropout(0.0), nn.Linear(hidden, dim)])
+        self.norm = nn.LayerNorm(hidden)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.1, 3.0)
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        return self.net[2](self.norm(self.net[0](x)))
+
+
+NormFormerMLP.__name__ = NormFormerMLP.__qualname__ = "FeedForward"
+
+
+class Stack(nn.Module):
+    def __init__(self, *mlps):
+        super().__init__()
+        self.blocks = nn.ModuleList(mlps)
+
+    def forward(self, hidden_states):
+        for mlp in self.blocks:
+            hidden_states = hidden_states + mlp(hidden_states)
+        return hidden_states
+
+
+def test_only_diffusers_feedforward_is_folded(gen):
+    """A module named FeedForward of another class, and diffusers' FeedForward with a foreign
+    activation, keep their permutation (reported in PatchReport.unfolded); the patched
+    model's output is the one without any fold."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=gen)))
+    custom = FeedForward(64, mult=2, activation_fn="linear-silu")
+    custom.net[0].activation = nn.LayerNorm(128)  # not elementwise
+    model = Stack(NormFormerMLP(64, 128), custom, FeedForward(64, mult=2)).eval()
+    x = torch.randn(2, 7, 64, generator=gen) * 2
+    data = clq_triton.CalibrationData.from_inputs([dict(hidden_states=x)])
+    patch_module = importlib.import_module("clq_triton.patch")
+    with clq_triton.backend("torch"), torch.no_grad():
+        unfolded = copy.deepcopy(model)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(patch_module, "fold_permutations", lambda m: [])
+            clq_triton.patch(unfolded, "w8a8", CLQ(clps=False), data, progress=False)
+        report = clq_triton.patch(model, "w8a8", CLQ(clps=False), data, progress=False)
+        torch.testing.assert_close(model(x), unfolded(x), rtol=1e-5, atol=1e-5)
+        assert report.folded == ["blocks.2.net.2"]
+        assert sorted(report.unfolded) == ["blocks.0", "blocks.1"], report.unfolded
+        assert "not diffusers' FeedForward" in report.unfolded["blocks.0"]
+        assert "LinearActivation applies LayerNorm" in report.unfolded["blocks.1"]
+        assert "permutation not folded: blocks.0" in report.summary()
+        assert model.blocks[0].net[2].perm is not None

@@ -3,6 +3,7 @@ architecture, one activation pass and one GEMM per distinct quantized input, cal
 checkpoints of fused models."""
 
 import copy
+import importlib
 import os
 
 import pytest
@@ -262,3 +263,149 @@ def test_flux_shared_input_checkpoints_and_fusion_versions(gen, tmp_path):
     with pytest.raises(ValueError, match="fusion versions up to 2"):
         clq_triton.load_quantized(str(d), target)
     assert not clq_triton.fuse.is_fused(target)
+
+
+@pytest.mark.parametrize("method", ["rtn", "clq"])
+def test_attention_that_calls_unfused_layers_is_left_unfused(gen, method):
+    """LTX-Video's processor calls to_q / to_k / to_v itself: fuse_projections=True leaves its
+    attention unfused (with a warning), and the patched model runs and stays close to FP."""
+    from diffusers_models import ltx
+
+    fp, inputs = ltx(gen)
+    fp.eval()
+    model = copy.deepcopy(fp)
+    data = clq_triton.CalibrationData.from_inputs([inputs]) if method == "clq" else None
+    with pytest.warns(UserWarning, match="LTXVideoAttnProcessor.*left unfused"):
+        report = clq_triton.patch(model, "w8a8", method, data, progress=False,
+                                  fuse_projections=True)
+    assert report.fused == [] and "transformer_blocks.0.attn1.to_q" in report.quantized
+    assert not hasattr(model.transformer_blocks[0].attn1, "to_qkv")
+    with torch.no_grad():
+        want, got = output(fp, inputs), output(model, inputs)
+    assert float((got - want).norm() / want.norm()) < 0.05
+
+
+def test_a_failed_patch_undoes_the_fusion(gen, monkeypatch):
+    """patch(fuse_projections=True) is all or nothing: when calibration fails the model has
+    its unfused layers, processors and output back, on their devices."""
+    patch_module = importlib.import_module("clq_triton.patch")
+    fp, inputs = MODELS["flux"](gen)
+    fp.eval()
+    model = copy.deepcopy(fp)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("calibration failed")
+
+    monkeypatch.setattr(patch_module, "calibrate", fail)
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        clq_triton.patch(model, "w4a4", CLQ(), clq_triton.CalibrationData.from_inputs([inputs]),
+                         progress=False, fuse_projections=True)
+    assert not clq_triton.fuse.is_fused(model)
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in fp.named_modules()]
+    assert type(model.transformer_blocks[0].attn.processor) is \
+        type(fp.transformer_blocks[0].attn.processor)
+    assert "unfuse_qkv_projections" not in vars(model)
+    with torch.no_grad():
+        assert torch.equal(output(model, inputs), output(fp, inputs))
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux"])
+def test_unfusing_a_clq_fused_model_refuses_clearly(gen, name):
+    """diffusers' unfuse_qkv_projections() after clq_triton's fusion (which drops the unfused
+    layers) raises a clear error, fused FP or patched, and the model still runs."""
+    fp, inputs = MODELS[name](gen)
+    fp.eval()
+    with torch.no_grad():
+        want = output(fp, inputs)
+    fused = copy.deepcopy(fp)
+    fuse_projections(fused)
+    patched = copy.deepcopy(fp)
+    clq_triton.patch(patched, "w8a8", progress=False, fuse_projections=True)
+    for model in (fused, patched):
+        with pytest.raises(RuntimeError, match="cannot be unfused"):
+            model.unfuse_qkv_projections()
+        with torch.no_grad():
+            torch.testing.assert_close(output(model, inputs), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3", "flux"])
+def test_a_diffusers_fused_model_patches_what_runs_and_loads(gen, name, tmp_path):
+    """A model fused with diffusers' own fuse_qkv_projections() (unfused layers kept, unused)
+    and then patched quantizes only the fused layers; its checkpoint loads, built from
+    config.json or into the (unfused) FP model, and computes the same output."""
+    fp, inputs = MODELS[name](gen)
+    fp.eval()
+    model = copy.deepcopy(fp)
+    model.fuse_qkv_projections()
+    report = clq_triton.patch(model, "w8a8", CLQ(clps=False),
+                              clq_triton.CalibrationData.from_inputs([inputs]), progress=False)
+    assert not [n for n in report.quantized if n.endswith((".to_q", ".to_k", ".to_v"))
+                and n.replace(n.rpartition(".")[2], "to_qkv") in report.quantized]
+    assert any(n.endswith("to_qkv") for n in report.quantized) and report.fused
+    with torch.no_grad():
+        want = output(model, inputs)
+    clq_triton.save_quantized(model, str(tmp_path))
+    for target in (None, copy.deepcopy(fp)):
+        loaded = clq_triton.load_quantized(str(tmp_path), target)
+        with torch.no_grad():  # CLQ's FLUX reloads to ~1e-5, fused or not (not bit for bit)
+            torch.testing.assert_close(output(loaded, inputs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_wan_i2v_image_kv_is_one_fused_layer(gen, tmp_path):
+    """Wan I2V: the image cross-attention's k/v become to_added_kv with its segments, listed
+    in report.fused; the never-called add_k_proj / add_v_proj are neither kept as weights
+    nor quantized; the fusion preserves the function and the CLQ checkpoint loads."""
+    from diffusers_models import wan_i2v
+
+    fp, inputs = wan_i2v(gen)
+    fp.eval()
+    with torch.no_grad():
+        want = output(fp, inputs)
+    fused = copy.deepcopy(fp)
+    names = fuse_projections(fused)
+    assert "blocks.0.attn2.to_added_kv" in names
+    assert segments(fused.get_submodule("blocks.0.attn2.to_added_kv")) == (64, 64)
+    assert not any(type(m) is nn.Linear and n.endswith(("add_k_proj", "add_v_proj"))
+                   for n, m in fused.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(output(fused, inputs), want, rtol=0, atol=1e-6)
+    model = copy.deepcopy(fp)
+    report = clq_triton.patch(model, "w8a8", CLQ(clps=False),
+                              clq_triton.CalibrationData.from_inputs([inputs]), progress=False,
+                              fuse_projections=True)
+    assert "blocks.1.attn2.to_added_kv" in report.fused
+    assert not [n for n in report.quantized if n.endswith(("add_k_proj", "add_v_proj"))]
+    with torch.no_grad():
+        got = output(model, inputs)
+    assert float((got - want).norm() / want.norm()) < 0.05
+    clq_triton.save_quantized(model, str(tmp_path))
+    loaded = clq_triton.load_quantized(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(output(loaded, inputs), got, rtol=1e-4, atol=1e-4)
+
+
+def test_nothing_shared_outlives_a_block_whose_attention_is_skipped(gen):
+    """FLUX single blocks with attention skipped (a cache such as pyramid attention broadcast
+    returns a kept output): proj_mlp runs the shared layer, and the block's forward leaves
+    no input or output of it kept; the output is the unfused model's with the same skip.
+    Also after deepcopy, and in a patched model."""
+    fp, inputs = MODELS["flux"](gen)
+    fp.eval()
+
+    def skip_attention(model):
+        for block in model.single_transformer_blocks:
+            block.attn.forward = lambda hidden_states, **kw: hidden_states * 0.5
+
+    fused = copy.deepcopy(fp)
+    fuse_projections(fused)
+    patched = copy.deepcopy(fp)
+    clq_triton.patch(patched, "w8a8", progress=False, fuse_projections=True)
+    for model in (fused, copy.deepcopy(fused), patched):
+        skip_attention(model)
+        with torch.no_grad():
+            output(model, inputs)
+        stashes = [b.proj_mlp._stash for b in model.single_transformer_blocks]
+        assert all(s.x is None and s.y is None and s.layer is None for s in stashes)
+    skip_attention(fp)
+    with torch.no_grad():
+        torch.testing.assert_close(output(fused, inputs), output(fp, inputs), rtol=0, atol=1e-6)

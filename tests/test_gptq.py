@@ -123,3 +123,54 @@ def test_clip_search_factors_each_hessian_once(pipe_and_data, monkeypatch):
         report = clq_triton.patch(copy.deepcopy(pipe.transformer), "w4a4", clq_triton.CLQ(
             gptq=True, w_clip_grid=(1.0, 0.9, 0.8), a_clip_grid=(1.0,)), data, progress=False)
     assert len(calls) == len(report.quantized)
+
+
+def test_channel_statistics_hessian_is_exact_under_large_channel_means(gen):
+    """ChannelRange(gram=True) + transform_hessian against Σ (x − δ)ᵀ(x − δ) in float64 when
+    a few channels carry an offset of +200…+1000 (a DiT's adaLN shift), over several calls:
+    the raw float32 Gram lost the spread to rounding and GPTQ's Cholesky failed."""
+    from torch import nn
+
+    from clq_triton.smoothing import ChannelRange
+
+    k = 128
+    lin = nn.Linear(k, 8)
+    offset = torch.zeros(k)
+    offset[torch.randperm(k, generator=gen)[:5]] = 200 + 800 * torch.rand(5, generator=gen)
+    xs = [torch.randn(4, 257, k, generator=gen) + offset * (1 + 0.01 * i) for i in range(3)]
+    stats = ChannelRange({"l": lin}, gram=True)
+    for x in xs:
+        lin(x)
+    stats.close()
+    x = torch.cat(xs).reshape(-1, k).double()
+    shift = stats.mean["l"]
+    xc = x - shift.double()
+    want = xc.T @ xc
+    got = transform_hessian(stats.gram["l"], stats.total["l"], stats.rows["l"], shift, None,
+                            None, None)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.diagonal().min()))
+    factor_hessian(got)  # positive definite
+
+
+def test_damping_escalates_then_the_failure_names_the_layer(pipe_and_data, monkeypatch):
+    """An indefinite Hessian is factored with more damping; one that no damping fixes raises
+    a ValueError that names the layer, and patch() rolls back."""
+    import copy
+
+    import clq_triton
+    import clq_triton.calibrate as cal
+
+    h = torch.eye(64, dtype=torch.float64)
+    h[0, 0] = -0.05  # needs damping > 5 % of the mean diagonal
+    f = factor_hessian(h)
+    assert torch.isfinite(f.upper).all()
+    with pytest.raises(ValueError, match="not positive definite"):
+        factor_hessian(torch.full((8, 8), float("nan"), dtype=torch.float64))
+    pipe, data = pipe_and_data
+    model = copy.deepcopy(pipe.transformer)
+    monkeypatch.setattr(cal, "transform_hessian", lambda g, *a: g * float("nan"))
+    with clq_triton.backend("torch"), pytest.raises(ValueError, match="GPTQ on layer "
+                                                                      "transformer_blocks.0."):
+        clq_triton.patch(model, "w4a8", clq_triton.CLQ(gptq=True, clps=False), data,
+                         progress=False)
+    assert not any(isinstance(m, clq_triton.QuantLinear) for m in model.modules())

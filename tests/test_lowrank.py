@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import clq_triton
-from clq_triton import CLQ, QuantConfig, QuantLinear, SmoothQuant, SVDQuant
+from clq_triton import (CLQ, RTN, Hadamard, QuantConfig, QuantLinear, QuaRot, SmoothQuant,
+                        SVDQuant)
 from clq_triton.blocks import output_tensors, run_model
 from clq_triton.capture import map_tensors
 from clq_triton.lowrank import lowrank_split
@@ -109,10 +110,10 @@ def test_storage_dtype_casts_and_nbytes(gen):
 
 def test_svdquant_method():
     m = SVDQuant(alpha=0.6, rank=16)
-    cfg = m.layer_config(QuantConfig(hadamard_block=64), 256)
+    cfg = m.layer_config(m.with_rank(QuantConfig(hadamard_block=64)), 256)
     assert cfg.hadamard_block is None and cfg.lowrank == 16
-    assert CLQ(lowrank=4).layer_config(QuantConfig(), 256).lowrank == 4
-    assert CLQ().layer_config(QuantConfig(), 256).lowrank == 0
+    assert CLQ(lowrank=4).with_rank(QuantConfig()).lowrank == 4
+    assert CLQ().with_rank(QuantConfig()).lowrank == 0
     assert m.calibrated and clq_triton.methods.method_from_dict(m.to_dict()) == m
     with pytest.raises(ValueError, match="rank must be an int >= 1"):
         SVDQuant(rank=0)
@@ -192,3 +193,47 @@ def test_clip_search_splits_each_layer_once(pipe_and_data, monkeypatch):
     report = clq_triton.patch(model, "w4a4", CLQ(lowrank=4, w_clip_grid=(1.0, 0.9, 0.8),
                                                  a_clip_grid=(1.0,)), data, progress=False)
     assert len(calls) == len(report.quantized)
+
+
+@pytest.mark.parametrize("method", [CLQ(clps=False), SmoothQuant(), RTN(), Hadamard(),
+                                    QuaRot(), CLQ(clps=False, lowrank=4), SVDQuant(rank=4)],
+                         ids=["clq", "smoothquant", "rtn", "hadamard", "quarot", "clq-4",
+                              "svdquant-4"])
+def test_one_rank_rule_for_every_method(pipe_and_data, method):
+    """QuantConfig(lowrank=4) gives every layer of every method a rank-4 branch, as does a
+    method's own rank option alone; the two disagreeing is refused before any work."""
+    pipe, data = pipe_and_data
+    model = copy.deepcopy(pipe.transformer)
+    data = data if method.calibrated else None
+    report = clq_triton.patch(model, QuantConfig(lowrank=4), method, data, progress=False)
+    layers = [model.get_submodule(n) for n in report.quantized]
+    assert layers and all(q.config.lowrank == 4 and q.lowrank_down.shape[1] == 4
+                          for q in layers)
+    if getattr(method, "rank", 0) or getattr(method, "lowrank", 0):  # its own option
+        model = copy.deepcopy(pipe.transformer)
+        report = clq_triton.patch(model, "w4a4", method, data, progress=False)
+        assert all(model.get_submodule(n).config.lowrank == 4 for n in report.quantized)
+        with pytest.raises(ValueError, match="lowrank=8.*set one of them"):
+            clq_triton.patch(copy.deepcopy(pipe.transformer), QuantConfig(lowrank=8), method,
+                             data, progress=False)
+
+
+@pytest.mark.parametrize("method", [CLQ(lowrank=1000, w_clip_grid=(1.0, 0.9),
+                                        a_clip_grid=(1.0, 0.9)), SVDQuant(rank=1000)],
+                         ids=["clq-clps", "svdquant"])
+def test_recorded_rank_is_clamped_and_the_checkpoint_loads(pipe_and_data, method, tmp_path):
+    """A rank wider than a layer is clamped to min(N, K) in the layer's config too (the clip
+    search used to record the asked rank), so the checkpoint loads."""
+    pipe, data = pipe_and_data
+    model = copy.deepcopy(pipe.transformer)
+    report = clq_triton.patch(model, "w4a4", method, data, progress=False)
+    for name in report.quantized:
+        q = model.get_submodule(name)
+        assert q.config.lowrank == min(q.in_features, q.out_features) == \
+            q.lowrank_down.shape[1], name
+    clq_triton.save_quantized(model, str(tmp_path))
+    loaded = clq_triton.load_quantized(str(tmp_path))
+    with torch.no_grad():
+        for s in data.samples:
+            assert torch.equal(output_tensors(run_model(loaded, s, "cpu"))[0],
+                               output_tensors(run_model(model, s, "cpu"))[0])

@@ -206,3 +206,22 @@ def test_bf16_model_round_trips_bit_for_bit(tmp_path, gen, cast):
             for k, v in inputs.items()}
     with torch.no_grad():
         assert torch.equal(output(loaded, bf16), output(model, bf16))
+
+
+@pytest.mark.parametrize("where", ["top", "method", "config", "layer", "layer config"])
+def test_unknown_fields_are_refused_naming_the_writing_version(tmp_path, where):
+    """One rule: a field this clq-triton does not know, wherever it is in the
+    quantization_config, is refused (never ignored), naming the version that wrote it; the
+    model loaded into is left alone."""
+    _saved(tmp_path)
+    cfg = tmp_path / "config.json"
+    meta = json.loads(cfg.read_text())
+    quant = meta["quantization_config"]
+    quant["clq_triton_version"] = "9.1.0"
+    layer = next(iter(quant["layers"].values()))
+    target = {"top": quant, "method": quant["method"], "config": quant["config"],
+              "layer": layer, "layer config": layer["config"]}[where]
+    target["from_the_future"] = 1
+    cfg.write_text(json.dumps(meta))
+    _refused_and_untouched(tmp_path, "unknown to this clq-triton .*written by clq-triton "
+                                     "9.1.0, a newer version")
