@@ -35,6 +35,8 @@ class ChannelRange:
         def hook(module, args):
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])
+            if x.shape[0] == 0:  # a call with no rows (e.g. an empty text context) adds nothing
+                return
             ok = torch.isfinite(x)
             lo = torch.where(ok, x, float("inf")).amin(0).float()
             hi = torch.where(ok, x, -float("inf")).amax(0).float()

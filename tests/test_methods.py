@@ -118,3 +118,20 @@ def test_obs_smoothing_and_shift_undo_rescaling_and_offsets(gen, group):
     assert moved < 0.6 * plain, (moved, plain)
     smooth_only = err(CLQ(shift=False, smooth_alpha=0.5), lin2, x2)
     assert moved < smooth_only, (moved, smooth_only)  # the shift earns its place on offsets
+
+
+def test_channel_statistics_ignore_calls_with_no_rows(gen):
+    """A Linear called once with zero rows (Wan I2V's empty-text cross attention, an empty
+    batch) adds nothing to its statistics; it used to raise IndexError (amin of nothing)."""
+    from clq_triton.smoothing import ChannelRange
+
+    lin = nn.Linear(64, 8)
+    x = torch.randn(5, 64, generator=gen)
+    for gram in (False, True):
+        stats = ChannelRange({"l": lin}, gram=gram)
+        lin(torch.zeros(0, 64))
+        lin(x)
+        lin(torch.zeros(2, 0, 64))
+        stats.close()
+        assert torch.equal(stats.lo["l"], x.amin(0)) and torch.equal(stats.hi["l"], x.amax(0))
+        torch.testing.assert_close(stats.mean["l"], x.double().mean(0).float())
