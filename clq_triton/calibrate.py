@@ -187,7 +187,7 @@ def _calibrate_block(model, names, todo, calls, method, target, links, bi, fp_de
             try:
                 tf = dataclasses.replace(tf, hessian=factor_hessian(transform_hessian(
                     stats.gram[name], stats.total[name], stats.rows[name], tf.shift, tf.scale,
-                    tf.perm, cfg.hadamard_block)))
+                    tf.perm, cfg.hadamard_block), overwrite=True))
             except (ValueError, torch.linalg.LinAlgError) as e:
                 raise ValueError(f"GPTQ on layer {name}: {e}") from e
         if target is None:

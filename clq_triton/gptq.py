@@ -31,13 +31,15 @@ class HessianFactor:
 
 
 def factor_hessian(hessian: torch.Tensor, damp: float = 0.01,
-                   escalate: int = 3) -> HessianFactor:
+                   escalate: int = 3, overwrite: bool = False) -> HessianFactor:
     """:class:`HessianFactor` of ``hessian`` = Σ xᵀx [K, K]; ``damp``: fraction of the mean
     diagonal added to it (dead columns' diagonals count as 1), multiplied by 10 up to
     ``escalate`` times while the damped matrix is not positive definite (then ValueError).
     Float64; three O(K³) steps (two Cholesky factorizations and an inverse), the part of
-    GPTQ that does not depend on the weight or its scales."""
-    h = hessian.double().clone()
+    GPTQ that does not depend on the weight or its scales. ``overwrite``: damp a float64
+    ``hessian`` in place instead of a copy (one K × K buffer fewer at the peak). At most three
+    K × K float64 buffers live at once besides the input."""
+    h = hessian if overwrite and hessian.dtype == torch.float64 else hessian.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     mean, added = torch.diagonal(h).mean(), 0.0
@@ -49,8 +51,10 @@ def factor_hessian(hessian: torch.Tensor, damp: float = 0.01,
             lower = torch.linalg.cholesky(h)
         except torch.linalg.LinAlgError:
             continue
-        upper = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        return HessianFactor(upper, dead)
+        del h  # (freed here unless it is the caller's hessian)
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        return HessianFactor(torch.linalg.cholesky(inverse, upper=True), dead)
     raise ValueError(f"the Hessian ({len(h)} columns) is not positive definite even damped by "
                      f"{d:g} × its mean diagonal (non-finite calibration inputs?)")
 
@@ -104,13 +108,16 @@ def transform_hessian(gram: torch.Tensor, total: torch.Tensor, rows: float,
     """The Hessian of the inputs in a QuantLinear's basis, x' = ((x − δ)·D)·S·H, from the raw
     inputs' Σ xᵀx (``gram`` [K, K]), Σ x (``total`` [K]) and row count: float64 [K, K].
     Σ (x − δ)ᵀ(x − δ) = Σ xᵀx − δ·(Σ x)ᵀ − (Σ x)·δᵀ + rows·δ·δᵀ; then D on both sides; then
-    Gᵀ·H·G with G = S·H (the rotation applied to rows and columns)."""
-    h = gram.double()
+    Gᵀ·H·G with G = S·H (the rotation applied to rows and columns). Updated in place on one
+    copy of ``gram``; the rotations hold two more K × K buffers at most."""
+    h = gram.double().clone()
     if shift is not None:
         d, s = shift.double().to(h.device), total.double().to(h.device)
-        h = h - torch.outer(d, s) - torch.outer(s, d) + rows * torch.outer(d, d)
+        h.addr_(d, s, alpha=-1).addr_(s, d, alpha=-1).addr_(d, d, alpha=rows)
     if scale is not None:
         c = scale.double().to(h.device)
-        h = h * c[:, None] * c[None, :]
+        h.mul_(c[:, None]).mul_(c[None, :])
     perm = perm.to(h.device) if perm is not None else None
-    return rotate_ref(rotate_ref(h, perm, block).T.contiguous(), perm, block)
+    h = rotate_ref(h, perm, block)  # H·G (each rebinding frees the previous buffer)
+    h = h.T.contiguous()  # Gᵀ·H, H being symmetric
+    return rotate_ref(h, perm, block)

@@ -118,7 +118,8 @@ def test_clip_search_factors_each_hessian_once(pipe_and_data, monkeypatch):
 
     pipe, data = pipe_and_data
     calls = []
-    monkeypatch.setattr(cal, "factor_hessian", lambda h: calls.append(1) or factor_hessian(h))
+    monkeypatch.setattr(cal, "factor_hessian",
+                        lambda h, **kw: calls.append(1) or factor_hessian(h, **kw))
     with clq_triton.backend("torch"):  # the kernels are not under test
         report = clq_triton.patch(copy.deepcopy(pipe.transformer), "w4a4", clq_triton.CLQ(
             gptq=True, w_clip_grid=(1.0, 0.9, 0.8), a_clip_grid=(1.0,)), data, progress=False)
