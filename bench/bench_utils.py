@@ -161,11 +161,18 @@ def stubbed_kernels(arch: int = 90):
     from unittest import mock
 
     import clq_triton  # not at import: conftest loads this module before TRITON_INTERPRET is set
+    from clq_triton import quant_linear
     from clq_triton.kernels import _runtime, gemm, rotate_quantize, tuning
+
+    def kernels(t):  # CPU tensors take the kernels' path (use_triton refuses them otherwise)
+        return True
 
     with clq_triton.backend("triton"), \
             mock.patch.object(gemm, "_quant_matmul_kernel", _NoLaunch()), \
             mock.patch.object(rotate_quantize, "_rotate_quantize_kernel", _NoLaunch()), \
             mock.patch.object(tuning, "device_arch", lambda device: arch), \
+            mock.patch.object(gemm, "use_triton", kernels), \
+            mock.patch.object(rotate_quantize, "use_triton", kernels), \
+            mock.patch.object(quant_linear, "use_triton", kernels), \
             mock.patch.object(_runtime, "INTERPRET", False):  # what interpreter_on() reads
         yield

@@ -45,7 +45,8 @@ ALTERNATIVES = {
 
 def configs(k: int, group, a_bits: int, w_bits: int) -> list[tuple[tuning.GemmConfig, bool]]:
     """(config, is the table's) for one call; the table's first."""
-    table = tuning.fitted_table_config(90, M, k, group, a_bits, w_bits)
+    arch = tuning.device_arch(torch.device("cuda")) if torch.cuda.is_available() else 90
+    table = tuning.fitted_table_config(arch, M, k, group, a_bits, w_bits)
     out = [(table, True)]
     for c in ALTERNATIVES[group is not None]:
         cfg = c.fitted(k, group, a_bits, w_bits)  # BK = the group, or dividing K

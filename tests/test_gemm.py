@@ -147,14 +147,18 @@ def test_gemm_errors(over, err, match):
 
 
 def test_gemm_refuses_a_per_channel_k_whose_int32_sum_could_overflow():
-    from clq_triton.kernels.gemm import MAX_K_PER_CHANNEL
+    from clq_triton import QuantConfig, QuantLinear
+    from clq_triton.kernels.formats import MAX_K_PER_CHANNEL
 
-    k = MAX_K_PER_CHANNEL + 64  # |4-bit code · 16|² · K > 2**31
+    k = MAX_K_PER_CHANNEL + 64  # 131072: every code −8 would sum to exactly 2**31
     args = dict(xq=torch.zeros(1, k // 2, dtype=torch.uint8), xs=torch.ones(1, 1),
                 wq=torch.zeros(1, k // 2, dtype=torch.uint8), ws=torch.ones(1), wz=None,
                 bias=None, a_bits=4, w_bits=4, group_size=None)
     with pytest.raises(ValueError, match="overflow; use a group size"):
         quant_matmul(**args)
+    with pytest.raises(ValueError, match="overflow; use a group size"):  # the layer too
+        QuantLinear(k, 8, config=QuantConfig(group_size=None))
+    QuantLinear(k, 8, config=QuantConfig(group_size=64))  # per group: accepted
 
 
 def _run_ptx(asm: str, word: int) -> int:
@@ -167,7 +171,10 @@ def _run_ptx(asm: str, word: int) -> int:
         op, rest = ins.split(None, 1)
         dst, a, b = (t.strip() for t in rest.split(","))
         x, y = regs[a], (int(b, 0) if b[0].isdigit() else regs[b])
-        regs[dst] = ((x << y) if op == "shl.b32" else (x & y)) & 0xFFFFFFFF
+        ops = {"shl.b32": lambda: x << y, "and.b32": lambda: x & y}
+        if op not in ops:
+            raise AssertionError(f"the emulator does not know {op}: extend it with the kernel")
+        regs[dst] = ops[op]() & 0xFFFFFFFF
     return regs["$0"]
 
 

@@ -142,9 +142,46 @@ def test_direct_calls_keep_their_operator_names_in_the_profiler():
 
     q = QuantLinear.from_linear(torch.nn.Linear(128, 32), QuantConfig())
     x = torch.randn(3, 128)
+    assert _runtime.DIRECT_OPS and _runtime.direct_call(x)  # the route under test
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         q(x)
         q(x)
     names = [e.name for e in prof.events()]
     assert names.count("clq_triton::rotate_quantize") == 2
     assert names.count("clq_triton::quant_matmul") == 2
+
+
+def test_direct_call_only_for_plain_eager_tensors():
+    """The dispatcher is skipped only where it would run the implementation itself: a meta
+    tensor (its fake implementation), a gradient needed by any argument, a functorch
+    transform or a dispatch mode take the operator."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.zeros(2, 3)
+    assert _runtime.direct_call(x, torch.zeros(3), None, 4)
+    assert not _runtime.direct_call(torch.zeros(2, 3, device="meta"))
+    assert not _runtime.direct_call(x, torch.zeros(3, requires_grad=True))
+    assert not _runtime.direct_call(torch.zeros(2, 3, requires_grad=True))
+    seen = []
+    torch.vmap(lambda t: seen.append(_runtime.direct_call(t)) or t)(torch.zeros(2, 3))
+    assert seen == [False]
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert not _runtime.direct_call(x)
+
+
+def test_a_meta_model_runs_its_fake_implementation_under_every_backend():
+    """Shape probes of an empty-weight model: a QuantLinear on the meta device returns a meta
+    output of the right shape, also with backend('triton') (the direct call used to run the
+    real implementation, which refused the meta tensor)."""
+    from clq_triton import QuantConfig, QuantLinear
+
+    q = QuantLinear.from_linear(torch.nn.Linear(128, 32), QuantConfig()).to("meta")
+    for choice in ("auto", "triton", "torch"):
+        with clq_triton.backend(choice):
+            y = q(torch.zeros(5, 128, device="meta"))
+        assert y.device.type == "meta" and y.shape == (5, 32)

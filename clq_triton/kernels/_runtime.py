@@ -19,7 +19,6 @@ import contextlib
 import os
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "torch", "triton")
@@ -110,7 +109,7 @@ def define_op(schema: str, impl, fake):
     label = f"clq_triton::{name}"
 
     def call(x, *args):
-        if not direct_call(x):
+        if not direct_call(x, *args):
             return op(x, *args)
         if torch.autograd._profiler_enabled():  # the operator's name, as dispatch records it
             with torch.profiler.record_function(label):
@@ -120,16 +119,21 @@ def define_op(schema: str, impl, fake):
     return call
 
 
-def direct_call(x: torch.Tensor) -> bool:
-    """Whether an operator call on ``x`` may run its implementation directly, skipping the
-    dispatcher: outside torch.compile's tracing (checked first: dynamo folds it) and
-    torch.jit.trace's, on a plain tensor (not a FakeTensor or other subclass) that needs no
-    gradient, with no dispatch mode active (FakeTensorMode, make_fx, ...), and unless
-    ``CLQ_DIRECT_OPS=0``. What the dispatcher would do then is to run the implementation
-    (CompositeExplicitAutograd)."""
-    return (not torch.compiler.is_compiling() and DIRECT_OPS and type(x) is torch.Tensor
-            and not x.requires_grad and not is_in_torch_dispatch_mode()
-            and not torch.jit.is_tracing())
+def direct_call(x: torch.Tensor, *args) -> bool:
+    """Whether an operator call on ``x`` (and ``args``) may run its implementation directly,
+    skipping the dispatcher: outside torch.compile's tracing (checked first: dynamo folds it)
+    and torch.jit.trace's, with no dispatch mode active in this thread (FakeTensorMode,
+    make_fx, ...) and no functorch transform (vmap, grad), on plain tensors (no FakeTensor
+    or other subclass) that need no gradient, ``x`` on the CPU or a GPU (a meta tensor takes
+    the operator's fake implementation), and unless ``CLQ_DIRECT_OPS=0``. What the
+    dispatcher would do then is to run the implementation (CompositeExplicitAutograd)."""
+    if (torch.compiler.is_compiling() or not DIRECT_OPS or torch.jit.is_tracing()
+            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()):
+        return False
+    for t in (x, *args):
+        if isinstance(t, torch.Tensor) and (type(t) is not torch.Tensor or t.requires_grad):
+            return False
+    return x.device.type in ("cpu", "cuda")
 
 
 def check_float(name: str, t: torch.Tensor, ndim: int | None = None) -> None:

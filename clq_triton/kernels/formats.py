@@ -94,13 +94,23 @@ def check_group_size(group_size: int | None) -> None:
                          f"got {group_size!r}")
 
 
+# Per channel the GEMM's one int32 sum runs over all of K: |code product| ≤ 128 · 128 (4-bit
+# codes times 16, or 8-bit codes), so K · 2**14 ≤ 2**31 − 1 keeps it exact (the largest
+# multiple of 64).
+MAX_K_PER_CHANNEL = 131008
+
+
 def check_k(k: int, group_size: int | None, what: str = "K") -> None:
-    """K must be a positive multiple of PACK_TILE (64) and of the group size."""
+    """K must be a positive multiple of PACK_TILE (64) and of the group size, and per channel
+    at most MAX_K_PER_CHANNEL."""
     check_group_size(group_size)
     if k <= 0 or k % PACK_TILE:
         raise ValueError(f"{what}={k} is not a positive multiple of {PACK_TILE}")
     if group_size is not None and k % group_size:
         raise ValueError(f"{what}={k} is not a multiple of group_size={group_size}")
+    if group_size is None and k > MAX_K_PER_CHANNEL:
+        raise ValueError(f"{what}={k} > {MAX_K_PER_CHANNEL}: the per-channel int32 sum could "
+                         "overflow; use a group size")
 
 
 def pack_int4_ref(codes: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ Kernel: a loaded K step of BK columns of 4-bit codes is unpacked into low and hi
 two bit operations per 32-bit word of 4 bytes (inline PTX; the interpreter runs the same with
 int8 shifts), where sign-extending each nibble took ~6 byte-wise instructions per byte.
 ``dot(a_lo, b_lo) + dot(a_hi, b_hi)`` accumulates exactly in int32 (|product| ≤ 128·128, so
-per channel K ≤ 131072), and the epilogue divides by 16 per 4-bit operand (a power of two:
+per channel K ≤ 131008), and the epilogue divides by 16 per 4-bit operand (a power of two:
 the result is bit for bit the unscaled one's). Per channel, one int32 accumulator runs over
 all of K and the float rescale ``xs·ws`` happens once in the epilogue. Per group (BK = G),
 each K step's int32 sum is multiplied by the weights' integer group scale z (int32, per output
@@ -199,9 +199,6 @@ def _quant_matmul_kernel(
 
 # ------------------------------------------------------------------------------- launcher
 
-# Per channel one int32 sum runs over all of K: |code product| ≤ 128 · 128 (4-bit codes times
-# 16, or 8-bit codes), so K ≤ 2**31 / 2**14 keeps it exact.
-MAX_K_PER_CHANNEL = 131072
 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -312,10 +309,7 @@ def quant_matmul(
     if logical_columns(w_bits, wq.shape[1]) != k:
         raise ValueError(f"activations have K={k} but weights have "
                          f"K={logical_columns(w_bits, wq.shape[1])}")
-    check_k(k, group_size)
-    if group_size is None and k > MAX_K_PER_CHANNEL:
-        raise ValueError(f"K={k} > {MAX_K_PER_CHANNEL}: the per-channel int32 sum could "
-                         "overflow; use a group size")
+    check_k(k, group_size)  # per channel at most formats.MAX_K_PER_CHANNEL: exact int32 sums
     check_tensor("xs", xs, (m, n_groups(group_size, k)), torch.float32)
     check_tensor("ws", ws, (n,), torch.float32)
     if w_bits == 4 and group_size is not None:

@@ -97,9 +97,12 @@ class GemmConfig:
     def fitted(self, k: int, group_size: int | None, a_bits: int = 4, w_bits: int = 4,
                arch: int | None = None) -> "GemmConfig":
         """The config for one call: BK equals the group (one rescale per K step) or, per
-        channel, divides K; then, on ``arch``, per group a narrower BN until the accumulators
-        fit in registers, fewer stages (down to 2) and then a narrower BN until the
-        shared-memory estimate fits.
+        channel, divides K; then, on ``arch``, per group with 4-bit weights on the Hopper
+        family one warpgroup of 64 rows (4 warps) where the tile had 128 rows and 8 warps
+        (the z column spilled; measured for W4A4 group 64 on an H200, applied to every 4-bit
+        weight group tile), per group a narrower BN until the accumulators fit in registers,
+        fewer stages (down to 2) and then a narrower BN until the shared-memory estimate
+        fits.
 
         Per group the kernel holds two BM×BN accumulators (the group's int32 sum and the
         float32 total): more than 128 registers per thread of them made ptxas spill 500-2152 B
