@@ -108,7 +108,8 @@ def test_check_reports_the_missing_out_dtype_of_the_first_gpu_run():
 
 def test_check_reports_shared_memory_overflow():
     sig = {k: v for k, v in kernel_specs(89)[0][0].items()}
-    cons = dict(A_BITS=8, W_BITS=8, GROUP=0, BM=256, BN=256, BK=256, GROUP_M=8, W_LEFT=False)
+    cons = dict(A_BITS=8, W_BITS=8, GROUP=0, BM=256, BN=256, BK=256, GROUP_M=8, W_LEFT=False,
+                UNPACK_ASM=True)
     (r,) = run_jobs([Job("gemm", 89, tuple(sorted(sig.items())), tuple(sorted(cons.items())),
                          8, 4, "planted")])
     assert r.ok and r.shared > r.limit
