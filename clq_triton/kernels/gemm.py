@@ -199,7 +199,6 @@ def _quant_matmul_kernel(
 
 # ------------------------------------------------------------------------------- launcher
 
-
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
